@@ -1,0 +1,30 @@
+"""DPSN-R for transformers: `DPSNRConfig`, `DPSNRModel`, `DPSNRForCausalLM`.
+
+Importing the package registers the classes with the Auto factories, so
+`AutoModelForCausalLM.from_pretrained(path)` works for an installed package; checkpoints also
+carry `auto_map` so that `trust_remote_code=True` works without installing it.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_dpsnr import DPSNRConfig
+from .modeling_dpsnr import (
+    DPSNRCausalLMOutputWithPast,
+    DPSNRForCausalLM,
+    DPSNRModel,
+    DPSNRModelOutputWithPast,
+    DPSNRPreTrainedModel,
+)
+
+AutoConfig.register("dpsnr", DPSNRConfig, exist_ok=True)
+AutoModel.register(DPSNRConfig, DPSNRModel, exist_ok=True)
+AutoModelForCausalLM.register(DPSNRConfig, DPSNRForCausalLM, exist_ok=True)
+
+__all__ = [
+    "DPSNRConfig",
+    "DPSNRPreTrainedModel",
+    "DPSNRModel",
+    "DPSNRForCausalLM",
+    "DPSNRCausalLMOutputWithPast",
+    "DPSNRModelOutputWithPast",
+]

@@ -1,0 +1,360 @@
+"""DPSN-R configuration.
+
+Standard decoder fields keep their transformers names (`hidden_size`, `num_hidden_layers`, ...);
+the new parts are prefixed: `pool_*` (the parameter pool and its retrieval), `loop_*` (the
+adaptive reasoning loop) and `indexer_*` (the coordinate indexer). Every invariant is checked
+when the config is built, and a violation raises `ValueError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+POOL_RETRIEVALS = ("product_key", "exhaustive", "coordinate")
+POOL_ENTRIES = ("neuron", "value")
+POOL_QUERY_NORMS = ("rms", "layer")
+POOL_BALANCES = ("none", "bias")
+LOOP_HALTINGS = ("act", "none")
+LOOP_MODES = ("auto", "eager", "static")
+
+# Default partitions and the share of the reasoning steps each one gets when the schedule is
+# derived (design §2: for 8 steps, knowledge x2, reasoning x4, grammar x2).
+DEFAULT_PARTITIONS = {"knowledge": 0.7, "reasoning": 0.2, "grammar": 0.1}
+DEFAULT_STEP_SHARES = {"knowledge": 0.25, "reasoning": 0.5, "grammar": 0.25}
+
+
+def derive_phase_schedule(partitions: list[str], max_steps: int) -> list[str]:
+    """Lay out `max_steps` steps over `partitions`, in partition order.
+
+    Each partition gets a share of the steps (the design's 2/4/2 split for the default
+    partitions, equal shares otherwise), rounded by largest remainder (ties go to the earlier
+    partition). With fewer steps than partitions some partitions are simply not read.
+    """
+    known = all(p in DEFAULT_STEP_SHARES for p in partitions)
+    shares = [DEFAULT_STEP_SHARES[p] if known else 1.0 for p in partitions]
+    total = sum(shares)
+    exact = [s / total * max_steps for s in shares]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(partitions)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: max_steps - sum(counts)]:
+        counts[i] += 1
+    return [p for p, c in zip(partitions, counts) for _ in range(c)]
+
+
+class DPSNRConfig(PreTrainedConfig):
+    r"""Configuration of a DPSN-R model: a transformer controller split into prelude and coda
+    blocks, with an adaptive reasoning loop between them that reads a large parameter pool.
+
+    Controller (standard transformers names):
+        vocab_size (`int`, 50257): vocabulary size of the tied embedding / LM head.
+        hidden_size (`int`, 512): width `d` of the controller and of every pool entry.
+        intermediate_size (`int`, 1408): width of the SwiGLU MLP in each block.
+        num_hidden_layers (`int`, 4): number of controller blocks, prelude and coda together.
+        num_prelude_layers (`int`, 2): blocks before the reasoning loop; the remaining
+            `num_hidden_layers - num_prelude_layers` blocks (the coda) follow it, so coda attention
+            mixes retrieved knowledge across positions. 0 is allowed (loop on the embeddings).
+        num_attention_heads (`int`, 8), num_key_value_heads (`int`, None → same; GQA if fewer).
+        head_dim (`int`, None → hidden_size // num_attention_heads).
+        hidden_act (`str`, "silu"): activation of the SwiGLU gate.
+        max_position_embeddings (`int`, 2048): longest context the RoPE tables are built for.
+        rope_theta (`float`, 10000.0): RoPE base.
+        rope_parameters (`dict`, None): transformers' RoPE dict (`rope_type`, ...); filled from
+            `rope_theta` when absent, so scaled RoPE variants of transformers can be used.
+        rms_norm_eps (`float`, 1e-6), initializer_range (`float`, 0.02).
+        attention_bias (`bool`, False), attention_dropout (`float`, 0.0).
+        tie_word_embeddings (`bool`, True): the LM head shares the embedding matrix.
+        use_cache (`bool`, True), pad/bos/eos_token_id: as in every transformers config.
+
+    Pool:
+        pool_size (`int`, 100000): number of entries over all partitions.
+        pool_partitions (`dict[str, float]`, knowledge 0.7 / reasoning 0.2 / grammar 0.1): name →
+            fraction of `pool_size`; fractions are positive and sum to 1. Each partition has its
+            own keys and query projection. One partition is an unpartitioned pool.
+        pool_retrieval (`str`, "product_key"): "product_key" (exact top-k at O(√N) cost per head),
+            "exhaustive" (scores every entry with the same keys; the reference for tests) or
+            "coordinate" (a learned indexer reads a contiguous window; see `indexer_*`).
+        pool_entry (`str`, "neuron"): "neuron" stores (u, v) per entry and contributes
+            `act(u·x)·v` (PEER single-neuron experts); "value" stores v and contributes v.
+        pool_heads (`int`, 4): independent retrieval heads per step; their reads are summed.
+        pool_topk (`int`, 8): entries read per head per step.
+        pool_key_dim (`int`, 128): query / product-key width per head; even, split in two halves.
+        pool_activation (`str`, "gelu"): activation of neuron entries.
+        pool_query_norm (`str`, "rms"): normalisation of each head's query before scoring
+            ("rms" or "layer"; BatchNorm is deliberately not offered: it leaks across positions).
+        pool_init_std (`float`, None → initializer_range): std of the entry tables at init.
+        pool_sparse_grads (`bool`, False): produce sparse (COO) gradients for the entry tables.
+            Dense by default so any optimizer and a plain `Trainer` work; the project's trainer
+            turns it on and updates the pool with a row-wise lazy optimizer.
+        pool_balance (`str`, "none"): "bias" adds a per-sub-key selection bias that is nudged
+            towards uniform usage during training without an auxiliary loss (the loss-free
+            balancing of DeepSeek-V3, applied to product sub-keys); the bias only affects which
+            entries are selected, not their weights.
+        pool_balance_rate (`float`, 1e-3): step size of the balancing bias update.
+        pool_selection_noise (`float`, 0.0): std of Gaussian noise added to selection scores in
+            training mode (exploration); weights use the noiseless scores.
+
+    Reasoning loop:
+        loop_max_steps (`int`, 8): most reasoning steps per token (the last step always halts).
+        loop_min_steps (`int`, 1): fewest steps; the halting head is not consulted before it.
+        loop_phase_schedule (`list[str]`, None → derived): the partition read at each step,
+            length `loop_max_steps`, every name a key of `pool_partitions`.
+        loop_halting (`str`, "act"): "act" (Graves 2016 adaptive computation time) or "none"
+            (every token runs `loop_max_steps` and uses the last state; an ablation).
+        loop_halt_epsilon (`float`, 0.01): a token halts once its cumulative halting
+            probability reaches `1 - loop_halt_epsilon`.
+        loop_ponder_weight (`float`, 0.01): weight of the ponder cost `N + R` added to the loss.
+        loop_halt_bias_init (`float`, -2.2): initial halting bias; σ(-2.2) ≈ 0.1 so that an
+            untrained model runs most steps and every partition receives gradient.
+        loop_mode (`str`, "auto"): "eager" computes only still-running tokens at each step;
+            "static" runs every token through every step with masks (XLA, torch.compile);
+            "auto" picks static on XLA devices and while compiling, eager otherwise.
+
+    Coordinate indexer (used when `pool_retrieval="coordinate"`):
+        indexer_hidden_size (`int`, 256): hidden width of the indexer MLP.
+        indexer_window (`int`, 16): rows read per head per step (K), a contiguous window.
+        indexer_min_sigma (`float`, 0.5): smallest Gaussian width, in rows.
+    """
+
+    model_type = "dpsnr"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    # controller
+    vocab_size: int = 50257
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 4
+    num_prelude_layers: int = 2
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # pool
+    pool_size: int = 100_000
+    pool_partitions: dict[str, float] | None = None
+    pool_retrieval: str = "product_key"
+    pool_entry: str = "neuron"
+    pool_heads: int = 4
+    pool_topk: int = 8
+    pool_key_dim: int = 128
+    pool_activation: str = "gelu"
+    pool_query_norm: str = "rms"
+    pool_init_std: float | None = None
+    pool_sparse_grads: bool = False
+    pool_balance: str = "none"
+    pool_balance_rate: float = 1e-3
+    pool_selection_noise: float = 0.0
+    # reasoning loop
+    loop_max_steps: int = 8
+    loop_min_steps: int = 1
+    loop_phase_schedule: list[str] | None = None
+    loop_halting: str = "act"
+    loop_halt_epsilon: float = 0.01
+    loop_ponder_weight: float = 0.01
+    loop_halt_bias_init: float = -2.2
+    loop_mode: str = "auto"
+    # coordinate indexer
+    indexer_hidden_size: int = 256
+    indexer_window: int = 16
+    indexer_min_sigma: float = 0.5
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.pool_partitions = dict(DEFAULT_PARTITIONS if self.pool_partitions is None else self.pool_partitions)
+        if self.loop_phase_schedule is not None:
+            self.loop_phase_schedule = list(self.loop_phase_schedule)
+        self._check_controller()
+        self._check_pool()
+        if self.loop_phase_schedule is None and _is_int(self.loop_max_steps) and self.loop_max_steps > 0:
+            self.loop_phase_schedule = derive_phase_schedule(list(self.pool_partitions), self.loop_max_steps)
+        self._check_loop()
+        super().__post_init__(**kwargs)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_coda_layers(self) -> int:
+        return self.num_hidden_layers - self.num_prelude_layers
+
+    def partition_sizes(self) -> dict[str, int]:
+        """Entries per partition: floor of fraction × pool_size; the rounding remainder goes to the
+        largest partition (ties by name), so sizes do not depend on dict order (JSON sorts keys)."""
+        sizes = {name: int(math.floor(frac * self.pool_size)) for name, frac in self.pool_partitions.items()}
+        largest = min(self.pool_partitions, key=lambda n: (-self.pool_partitions[n], n))
+        sizes[largest] += self.pool_size - sum(sizes.values())
+        return sizes
+
+    @property
+    def pool_entry_params(self) -> int:
+        """Parameters stored per pool entry (u and v for neurons, v for values)."""
+        return (2 if self.pool_entry == "neuron" else 1) * self.hidden_size
+
+    # ------------------------------------------------------------------ validation
+    def _check_controller(self) -> None:
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        _check_nonneg_int("num_prelude_layers", self.num_prelude_layers)
+        if self.num_prelude_layers > self.num_hidden_layers:
+            raise ValueError(
+                f"num_prelude_layers ({self.num_prelude_layers}) must be at most num_hidden_layers "
+                f"({self.num_hidden_layers}): the coda holds the remaining blocks."
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}), or set head_dim explicitly."
+            )
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+        if self.attention_head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.attention_head_dim}) must be even for rotary embeddings.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        _check_positive_float("rope_theta", self.rope_theta)
+        _check_positive_float("rms_norm_eps", self.rms_norm_eps)
+        _check_positive_float("initializer_range", self.initializer_range)
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
+        from transformers.activations import ACT2FN
+
+        for name in ("hidden_act", "pool_activation"):
+            if getattr(self, name) not in ACT2FN:
+                raise ValueError(f"{name} must be one of transformers' activations, got {getattr(self, name)!r}.")
+
+    def _check_pool(self) -> None:
+        _check_positive_int("pool_size", self.pool_size)
+        _check_choice("pool_retrieval", self.pool_retrieval, POOL_RETRIEVALS)
+        _check_choice("pool_entry", self.pool_entry, POOL_ENTRIES)
+        _check_choice("pool_query_norm", self.pool_query_norm, POOL_QUERY_NORMS)
+        _check_choice("pool_balance", self.pool_balance, POOL_BALANCES)
+        _check_positive_int("pool_heads", self.pool_heads)
+        _check_positive_int("pool_topk", self.pool_topk)
+        _check_positive_int("pool_key_dim", self.pool_key_dim)
+        if self.pool_key_dim % 2 != 0:
+            raise ValueError(f"pool_key_dim ({self.pool_key_dim}) must be even: product keys split it in two halves.")
+        if self.pool_init_std is not None:
+            _check_positive_float("pool_init_std", self.pool_init_std)
+        if not isinstance(self.pool_sparse_grads, bool):
+            raise ValueError(f"pool_sparse_grads must be a bool, got {self.pool_sparse_grads!r}.")
+        _check_positive_float("pool_balance_rate", self.pool_balance_rate)
+        if not (isinstance(self.pool_selection_noise, (int, float)) and self.pool_selection_noise >= 0):
+            raise ValueError(f"pool_selection_noise must be ≥ 0, got {self.pool_selection_noise!r}.")
+
+        parts = self.pool_partitions
+        if not isinstance(parts, dict) or not parts:
+            raise ValueError(f"pool_partitions must be a non-empty dict name → fraction, got {parts!r}.")
+        for name, frac in parts.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"pool_partitions names must be identifiers, got {name!r}.")
+            if not isinstance(frac, (int, float)) or not 0.0 < frac <= 1.0:
+                raise ValueError(f"pool_partitions[{name!r}] must be a fraction in (0, 1], got {frac!r}.")
+        if abs(sum(parts.values()) - 1.0) > 1e-6:
+            raise ValueError(
+                f"pool_partitions fractions must sum to 1, got {sum(parts.values()):.6g} for {parts}."
+            )
+        for name, size in self.partition_sizes().items():
+            if size < self.pool_topk:
+                raise ValueError(
+                    f"pool_topk ({self.pool_topk}) is larger than partition {name!r} ({size} entries of "
+                    f"pool_size={self.pool_size}); raise pool_size or lower pool_topk."
+                )
+            if self.pool_retrieval == "coordinate" and size < self.indexer_window:
+                raise ValueError(
+                    f"indexer_window ({self.indexer_window}) is larger than partition {name!r} ({size} entries)."
+                )
+        if self.pool_retrieval == "coordinate":
+            _check_positive_int("indexer_hidden_size", self.indexer_hidden_size)
+            _check_positive_int("indexer_window", self.indexer_window)
+            _check_positive_float("indexer_min_sigma", self.indexer_min_sigma)
+            if self.pool_balance == "bias":
+                raise ValueError("pool_balance='bias' applies to product-key sub-keys; use it with pool_retrieval='product_key'.")
+
+    def _check_loop(self) -> None:
+        _check_positive_int("loop_max_steps", self.loop_max_steps)
+        _check_positive_int("loop_min_steps", self.loop_min_steps)
+        if self.loop_min_steps > self.loop_max_steps:
+            raise ValueError(
+                f"loop_min_steps ({self.loop_min_steps}) must be ≤ loop_max_steps ({self.loop_max_steps})."
+            )
+        _check_choice("loop_halting", self.loop_halting, LOOP_HALTINGS)
+        _check_choice("loop_mode", self.loop_mode, LOOP_MODES)
+        if not 0.0 < self.loop_halt_epsilon < 1.0:
+            raise ValueError(f"loop_halt_epsilon must be in (0, 1), got {self.loop_halt_epsilon}.")
+        if not (isinstance(self.loop_ponder_weight, (int, float)) and self.loop_ponder_weight >= 0):
+            raise ValueError(f"loop_ponder_weight must be ≥ 0, got {self.loop_ponder_weight!r}.")
+        if not isinstance(self.loop_halt_bias_init, (int, float)) or not math.isfinite(self.loop_halt_bias_init):
+            raise ValueError(f"loop_halt_bias_init must be a finite number, got {self.loop_halt_bias_init!r}.")
+        schedule = self.loop_phase_schedule
+        if not isinstance(schedule, list) or len(schedule) != self.loop_max_steps:
+            raise ValueError(
+                f"loop_phase_schedule must list one partition per step ({self.loop_max_steps} names), got {schedule!r}."
+            )
+        unknown = sorted({p for p in schedule if p not in self.pool_partitions})
+        if unknown:
+            raise ValueError(
+                f"loop_phase_schedule names unknown partition(s) {unknown}; known: {list(self.pool_partitions)}."
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DPSNRConfig":
+        """Build a named preset (see `presets.py`), with any field overridden."""
+        from .presets import preset_kwargs
+
+        kwargs = preset_kwargs(name)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_nonneg_int(name: str, value) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+
+
+def _check_positive_float(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+
+
+__all__ = ["DPSNRConfig", "derive_phase_schedule"]

@@ -1,0 +1,580 @@
+"""DPSN-R: a transformer controller with an adaptive reasoning loop over a large parameter pool.
+
+    input_ids ─ embed ─ prelude blocks ─ h0 ─ reasoning loop (reasoning.py, pool.py) ─ h*
+              ─ coda blocks ─ norm ─ lm_head (tied to embed) ─ logits
+
+Controller blocks follow transformers' Llama (pre-norm, RMSNorm, RoPE, SwiGLU, attention through
+the attention-function registry so eager / sdpa / flash work, KV cache through `Cache`). The loop
+sits between prelude and coda, so the coda's attention mixes retrieved knowledge across positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_dpsnr import DPSNRConfig
+from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
+from .reasoning import ReasoningLoop
+
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------- outputs
+@dataclass
+class DPSNRModelOutputWithPast(ModelOutput):
+    """Base model output plus the reasoning loop's per-token statistics."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    reasoning_steps: torch.LongTensor | None = None  # (B, T)
+    halting_probs: torch.FloatTensor | None = None  # (B, T, loop_max_steps)
+    ponder_cost: torch.FloatTensor | None = None  # (B, T)
+    active_params: torch.LongTensor | None = None  # (B, T)
+
+
+@dataclass
+class DPSNRCausalLMOutputWithPast(ModelOutput):
+    """Causal-LM output. `loss = lm_loss + loop_ponder_weight · ponder_loss` when labels are given;
+    both parts are returned on their own (as Mixtral returns its router loss)."""
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    ponder_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    reasoning_steps: torch.LongTensor | None = None
+    halting_probs: torch.FloatTensor | None = None
+    active_params: torch.LongTensor | None = None
+
+
+class ReasoningStatsCollector:
+    """Collects per-token loop statistics while `generate` runs.
+
+    Each decoding forward produces the logits of one new token; the loop that ran on its last
+    input position is what "reasoned" that token, so its steps are attributed to it. With beam
+    search the rows are beam slots at each step (not back-tracked along the final beams).
+    """
+
+    def __init__(self, rows_per_step: int):
+        self.rows_per_step = rows_per_step
+        self.prompt_steps: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+        self.active: list[torch.Tensor] = []
+
+    def record(self, steps: torch.Tensor, active: torch.Tensor) -> None:
+        if self.prompt_steps is None:
+            self.prompt_steps = steps.detach().cpu()
+        self.steps.append(steps[:, -1].detach().cpu())
+        self.active.append(active[:, -1].detach().cpu())
+
+    def summary(self) -> dict:
+        if not self.steps:
+            return {"steps": torch.zeros(0, 0, dtype=torch.long), "active_params": torch.zeros(0, 0, dtype=torch.long),
+                    "rows_read": torch.zeros(0, 0, dtype=torch.long), "prompt_steps": None,
+                    "avg_loops": float("nan"), "avg_active_params": float("nan")}
+        steps = torch.stack(self.steps, dim=1)  # (B, new_tokens)
+        active = torch.stack(self.active, dim=1)
+        return {
+            "steps": steps,
+            "active_params": active,
+            "rows_read": steps * self.rows_per_step,
+            "prompt_steps": self.prompt_steps,
+            "avg_loops": steps.float().mean().item(),
+            "avg_active_params": active.double().mean().item(),
+        }
+
+
+# ---------------------------------------------------------------------------- leaves
+class DPSNRRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class DPSNRRotaryEmbedding(nn.Module):
+    """RoPE tables (Su et al. 2021); scaled variants come from transformers' ROPE_INIT_FUNCTIONS."""
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DPSNRConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.attention_head_dim
+        base = config.rope_theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kvH, T, hd) → (B, kvH·n_rep, T, hd) for grouped-query attention."""
+    if n_rep == 1:
+        return x
+    B, kvh, T, hd = x.shape
+    return x[:, :, None].expand(B, kvh, n_rep, T, hd).reshape(B, kvh * n_rep, T, hd)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    attn_weights = attn_weights.float().softmax(dim=-1).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    out = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, Tq, H, hd)
+    return out, attn_weights
+
+
+class DPSNRMLP(nn.Module):
+    """SwiGLU (Shazeer 2020)."""
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DPSNRAttention(nn.Module):
+    def __init__(self, config: DPSNRConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.attention_head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, kvH, T, hd)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_fn(
+            self, q, k, v, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
+
+
+class DPSNRDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm controller block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: DPSNRConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DPSNRAttention(config, layer_idx)
+        self.mlp = DPSNRMLP(config)
+        self.input_layernorm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, attn_weights
+
+
+# ---------------------------------------------------------------------------- models
+class DPSNRPreTrainedModel(PreTrainedModel):
+    config_class = DPSNRConfig
+    config: DPSNRConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DPSNRDecoderLayer", "ReasoningLoop"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # eager early exit has data-dependent shapes; use loop_mode="static"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' `init` functions skip tensors already loaded from a checkpoint
+        # (`_is_hf_initialized`), so this never overwrites loaded weights.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                if getattr(module, "is_halting_head", False):
+                    # σ(b) ≈ 0.1 so an untrained model runs most steps: earlier implementations
+                    # halted at step 1 from init, and later partitions never trained.
+                    init.constant_(module.bias, self.config.loop_halt_bias_init)
+                else:
+                    init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (DPSNRRMSNorm, QueryNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, DPSNRRotaryEmbedding):
+            if module.rope_type == "default":
+                inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            else:
+                inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+        elif isinstance(module, ProductKeyRetriever):
+            key_std = (module.key_dim // 2) ** -0.5  # unit-RMS query half · key → unit-variance scores
+            init.normal_(module.sub_keys1, mean=0.0, std=key_std)
+            init.normal_(module.sub_keys2, mean=0.0, std=key_std)
+            if module.balance:
+                init.zeros_(module.balance_bias1)
+                init.zeros_(module.balance_bias2)
+        elif isinstance(module, PoolPartition):
+            pool_std = self.config.pool_init_std or std
+            for table in module.entry_tables().values():
+                init.normal_(table, mean=0.0, std=pool_std)
+        elif isinstance(module, ReasoningLoop):
+            init.normal_(module.step_embedding, mean=0.0, std=std)
+        elif hasattr(module, "init_weights_"):  # retrievers defined beside the pool (coordinate indexer)
+            module.init_weights_(std)
+
+
+class DPSNRModel(DPSNRPreTrainedModel):
+    """Embeddings, prelude blocks, reasoning loop, coda blocks and final norm."""
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DPSNRDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.loop = ReasoningLoop(config, DPSNRRMSNorm)
+        self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DPSNRRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def pool(self):
+        return self.loop.pool
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _use_static_loop(self, hidden_states: torch.Tensor) -> bool:
+        mode = self.config.loop_mode
+        if mode == "auto":
+            return hidden_states.device.type == "xla" or torch.compiler.is_compiling()
+        return mode == "static"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> DPSNRModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids contain ids outside [0, {self.config.vocab_size}) (vocab_size): "
+                    f"min {int(input_ids.min())}, max {int(input_ids.max())}. Is the tokenizer the model's?"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        B, T = inputs_embeds.shape[:2]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_seen + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past_seen + T} positions exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})."
+            )
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] != past_seen + T:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {past_seen + T}."
+            )
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        num_prelude = self.config.num_prelude_layers
+
+        def run_blocks(h, blocks):
+            for block in blocks:
+                if all_hidden is not None:
+                    all_hidden.append(h)
+                h, w = block(
+                    h,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    **kwargs,
+                )
+                if all_attn is not None:
+                    all_attn.append(w)
+            return h
+
+        hidden_states = run_blocks(hidden_states, self.layers[:num_prelude])
+        # Tokens whose attention mask is 0 (padding) skip the loop in eager mode.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -T:].bool()
+            if bool(token_mask.all()):
+                token_mask = None
+        loop = self.loop(hidden_states, token_mask, static=self._use_static_loop(hidden_states))
+        hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+
+        return DPSNRModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+            reasoning_steps=loop.steps,
+            halting_probs=loop.halting_probs,
+            ponder_cost=loop.ponder_cost,
+            active_params=self.active_params_base() + loop.steps * self.loop.parameters_per_step(),
+        )
+
+    # ------------------------------------------------------------------ cost model
+    def active_params_base(self) -> int:
+        """Parameters every token touches regardless of its steps: controller blocks, norms and
+        the loop's own modules (queries, sub-keys, gate, halting head). Embedding excluded."""
+        if getattr(self, "_active_base", None) is None:
+            pool_tables = {id(p) for p in self.loop.pool.entry_parameters()}
+            embed = {id(p) for p in self.embed_tokens.parameters()}
+            self._active_base = sum(p.numel() for p in self.parameters() if id(p) not in pool_tables | embed)
+        return self._active_base
+
+
+class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__(config)
+        self.model = DPSNRModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._stats_collector: ReasoningStatsCollector | None = None
+        self.post_init()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DPSNRForCausalLM":
+        """A freshly initialised model of a named preset (see `presets.py`)."""
+        return cls(DPSNRConfig.from_preset(name, **overrides))
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def pool(self):
+        return self.model.loop.pool
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> DPSNRCausalLMOutputWithPast | tuple:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        if self._stats_collector is not None:
+            self._stats_collector.record(outputs.reasoning_steps, outputs.active_params)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = lm_loss = ponder_loss = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch, **kwargs,
+            )
+            ponder_loss = self._ponder_loss(outputs.ponder_cost, labels, num_items_in_batch)
+            loss = lm_loss
+            if self.config.loop_halting == "act" and self.config.loop_ponder_weight > 0:
+                loss = lm_loss + self.config.loop_ponder_weight * ponder_loss.to(lm_loss.dtype)
+
+        output = DPSNRCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            ponder_loss=ponder_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            reasoning_steps=outputs.reasoning_steps,
+            halting_probs=outputs.halting_probs,
+            active_params=outputs.active_params,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def generate(self, *args, return_reasoning_stats: bool = False, **kwargs):
+        """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.
+
+        Per generated token it records the loop's steps, the active parameters and the pool rows
+        read (steps × heads × k), and `avg_loops`. With `return_dict_in_generate=True` the output
+        carries them as `reasoning_stats`; with `return_reasoning_stats=True` the call returns
+        `(output, stats)`.
+        """
+        collector = ReasoningStatsCollector(self.config.pool_heads * self.config.pool_topk)
+        previous, self._stats_collector = self._stats_collector, collector
+        try:
+            output = super().generate(*args, **kwargs)
+        finally:
+            self._stats_collector = previous
+        stats = collector.summary()
+        if isinstance(output, ModelOutput):
+            output["reasoning_stats"] = stats
+        return (output, stats) if return_reasoning_stats else output
+
+    @staticmethod
+    def _ponder_loss(ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Mean ponder cost over the tokens whose next-token prediction is scored.
+
+        Those are exactly the tokens the LM loss averages over (position t predicts labels[t+1]),
+        so under gradient accumulation the same `num_items_in_batch` normalises both terms.
+        """
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != -100
+        total = (ponder_cost * scored).sum()
+        if num_items_in_batch is not None:
+            denom = num_items_in_batch
+            if torch.is_tensor(denom):
+                denom = denom.to(total.device)
+            return total / denom
+        return total / scored.sum().clamp(min=1)
+
+
+__all__ = [
+    "DPSNRPreTrainedModel",
+    "DPSNRModel",
+    "DPSNRForCausalLM",
+    "DPSNRCausalLMOutputWithPast",
+    "DPSNRModelOutputWithPast",
+]

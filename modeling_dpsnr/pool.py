@@ -1,0 +1,294 @@
+"""The parameter pool: partitions of entry vectors and the retrievers that address them.
+
+Dimension letters used in shape comments:
+    n  tokens being processed (B·T flattened, or only the still-running ones)
+    d  hidden size (= entry width)
+    H  retrieval heads              k  entries per head per step (pool_topk)
+    c  query width per head (pool_key_dim), split into halves of c/2
+    N  entries in a partition       n1, n2  product sub-key table sizes (n1·n2 ≥ N)
+
+One reasoning step on one partition:
+
+    x ─ query ─ norm ─▶ q (n,H,c) ─ split ─▶ q1, q2 (n,H,c/2)
+                               scores s1 = q1·K1ᵀ (n,H,n1),  s2 = q2·K2ᵀ (n,H,n2)
+                               top-k of each half, k² candidate sums, top-k again
+                         ─▶ idx (n,H,k), w = softmax(scores) (n,H,k)
+    read: Σ_h Σ_i w_i · act(u_i·x) · v_i     ("neuron", PEER; He 2024)
+       or Σ_h Σ_i w_i · v_i                   ("value", product-key memory; Lample et al. 2019)
+
+The weighted sum goes through `embedding_bag` with per-sample weights, so the k·H value rows
+are summed without materialising them, and the tables can emit sparse (COO) gradients. Static
+mode (XLA, compile) uses gather-multiply-sum instead: `embedding_bag` has no XLA lowering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_dpsnr import DPSNRConfig
+
+
+class QueryNorm(nn.Module):
+    """RMSNorm or LayerNorm over each head's query (never BatchNorm: it mixes positions)."""
+
+    def __init__(self, dim: int, kind: str, eps: float):
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(q, q.shape[-1:], self.weight, self.bias, self.eps)
+        q32 = q.float()
+        q32 = q32 * torch.rsqrt(q32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * q32.to(q.dtype)
+
+
+def product_key_sizes(num_entries: int) -> tuple[int, int]:
+    """Sub-key table sizes n1 ≥ n2 with n1·n2 ≥ N and n1·n2 − N < n2 (at most one partial row)."""
+    n2 = max(1, math.isqrt(num_entries))
+    n1 = -(-num_entries // n2)
+    return n1, n2
+
+
+@dataclass
+class Retrieval:
+    """Which entries a step reads, and with which weights."""
+
+    indices: torch.Tensor  # (n, H, k) int64, within the partition
+    weights: torch.Tensor  # (n, H, k) softmax over the k entries of each head
+
+
+class ProductKeyRetriever(nn.Module):
+    """Exact top-k over N entries at O(√N·c + k²) per head (Lample et al. 2019, "Large Memory
+    Layers with Product Keys"). Entry i = i1·n2 + i2 has score s1[i1] + s2[i2]; entries ≥ N do
+    not exist.
+
+    Exactness with a partial last row: candidates are the top-k rows among the full rows 0..n1−2
+    paired with the top-k columns, plus the last row paired with the top-k of its valid columns.
+    Any true top-k entry lies in that set (if a full-row entry were missing, k entries that beat
+    it would be in the set; same for the last row), so no entry is lost and none is invalid.
+
+    `exhaustive=True` scores every entry with the same keys: the O(N) reference used by tests.
+    """
+
+    def __init__(self, config: DPSNRConfig, num_entries: int, exhaustive: bool = False):
+        super().__init__()
+        self.num_entries = num_entries
+        self.heads = config.pool_heads
+        self.topk = config.pool_topk
+        self.key_dim = config.pool_key_dim
+        self.exhaustive = exhaustive
+        self.n1, self.n2 = product_key_sizes(num_entries)
+        self.last_row_valid = num_entries - (self.n1 - 1) * self.n2  # valid columns of the last row
+        half = self.key_dim // 2
+
+        self.query = nn.Linear(config.hidden_size, self.heads * self.key_dim, bias=False)
+        self.query_norm = QueryNorm(self.key_dim, config.pool_query_norm, config.rms_norm_eps)
+        self.sub_keys1 = nn.Parameter(torch.empty(self.heads, self.n1, half))  # (H, n1, c/2)
+        self.sub_keys2 = nn.Parameter(torch.empty(self.heads, self.n2, half))  # (H, n2, c/2)
+        self.selection_noise = config.pool_selection_noise
+        self.balance = config.pool_balance == "bias"
+        self.balance_rate = config.pool_balance_rate
+        if self.balance:
+            # Loss-free balancing (Wang et al. 2024; DeepSeek-V3): a per-sub-key bias that only
+            # changes which entries are selected, nudged towards under-used sub-keys.
+            self.register_buffer("balance_bias1", torch.zeros(self.heads, self.n1))
+            self.register_buffer("balance_bias2", torch.zeros(self.heads, self.n2))
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Retrieval:
+        n = x.shape[0]
+        q = self.query_norm(self.query(x).view(n, self.heads, self.key_dim))  # (n, H, c)
+        q1, q2 = q.chunk(2, dim=-1)  # (n, H, c/2) each
+        s1 = torch.einsum("nhc,hmc->nhm", q1, self.sub_keys1)  # (n, H, n1)
+        s2 = torch.einsum("nhc,hmc->nhm", q2, self.sub_keys2)  # (n, H, n2)
+        sel1, sel2 = self._selection_scores(s1, s2)
+        if self.exhaustive:
+            idx = self._exhaustive_topk(sel1, sel2)
+        else:
+            idx = self._product_topk(sel1, sel2)  # (n, H, k)
+        # Weights use the plain scores: bias and noise only steer the selection.
+        i1, i2 = idx // self.n2, idx % self.n2
+        scores = s1.gather(-1, i1) + s2.gather(-1, i2)  # (n, H, k)
+        weights = scores.float().softmax(dim=-1).to(x.dtype)
+        if self.balance and self.training:
+            self._update_balance(i1, i2, token_mask)
+        return Retrieval(indices=idx, weights=weights)
+
+    def _selection_scores(self, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s1, s2 = s1.detach(), s2.detach()
+        if self.balance:
+            s1 = s1 + self.balance_bias1
+            s2 = s2 + self.balance_bias2
+        if self.training and self.selection_noise > 0:
+            s1 = s1 + self.selection_noise * torch.randn_like(s1)
+            s2 = s2 + self.selection_noise * torch.randn_like(s2)
+        return s1, s2
+
+    def _product_topk(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        k, n1, n2 = self.topk, self.n1, self.n2
+        k1 = min(k, n1 - 1)
+        kb = min(k, n2)
+        klast = min(k, self.last_row_valid)
+        if k1 > 0:
+            top1, rows = s1[..., : n1 - 1].topk(k1, dim=-1)  # (n, H, k1) best full rows
+        else:
+            top1 = rows = s1[..., :0]
+        top_last = s1[..., n1 - 1 :]  # (n, H, 1) the last (maybe partial) row, always a candidate
+        top2, cols = s2.topk(kb, dim=-1)  # (n, H, kb)
+        top2_last, cols_last = s2[..., : self.last_row_valid].topk(klast, dim=-1)  # (n, H, klast)
+
+        full = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (n, H, k1·kb)
+        full_idx = (rows.unsqueeze(-1) * n2 + cols.unsqueeze(-2)).flatten(-2)
+        last = top_last + top2_last  # (n, H, klast)
+        last_idx = (n1 - 1) * n2 + cols_last
+        cand = torch.cat([full, last], dim=-1)
+        cand_idx = torch.cat([full_idx, last_idx], dim=-1)
+        best = cand.topk(k, dim=-1).indices
+        return cand_idx.gather(-1, best)  # (n, H, k)
+
+    def _exhaustive_topk(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        all_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)[..., : self.num_entries]  # (n, H, N)
+        return all_scores.topk(self.topk, dim=-1).indices
+
+    @torch.no_grad()
+    def _update_balance(self, i1: torch.Tensor, i2: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """b ← b + rate·sign(mean load − load), per head and sub-key table."""
+        for ids, bias, size in ((i1, self.balance_bias1, self.n1), (i2, self.balance_bias2, self.n2)):
+            if token_mask is not None:
+                ids = ids[token_mask]
+            load = torch.zeros(self.heads, size, device=ids.device, dtype=torch.float32)
+            heads = torch.arange(self.heads, device=ids.device).view(1, -1, 1).expand_as(ids)
+            load.index_put_((heads.reshape(-1), ids.reshape(-1)), torch.ones((), device=ids.device), accumulate=True)
+            bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
+
+
+class PoolPartition(nn.Module):
+    """One named partition: its entry tables and its own retriever.
+
+    Tables are plain `(N, d)` parameters (`u`, `v`) so that a lazy row-wise optimizer, a
+    memory-mapped file or a row-sharded tensor can stand behind them unchanged.
+    """
+
+    def __init__(self, config: DPSNRConfig, name: str, num_entries: int):
+        super().__init__()
+        self.name = name
+        self.num_entries = num_entries
+        self.entry = config.pool_entry
+        self.sparse_grads = config.pool_sparse_grads
+        self.act = ACT2FN[config.pool_activation]
+        if config.pool_retrieval == "coordinate":
+            from .indexer import CoordinateRetriever
+
+            self.retriever = CoordinateRetriever(config, num_entries)
+        else:
+            self.retriever = ProductKeyRetriever(config, num_entries, exhaustive=config.pool_retrieval == "exhaustive")
+        if self.entry == "neuron":
+            self.u = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
+        self.v = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
+
+    def entry_tables(self) -> dict[str, nn.Parameter]:
+        return {"u": self.u, "v": self.v} if self.entry == "neuron" else {"v": self.v}
+
+    def forward(
+        self,
+        query_input: torch.Tensor,  # (n, d) what the retriever sees (normed state + step embedding)
+        x: torch.Tensor,  # (n, d) what neuron entries act on (normed state)
+        static: bool = False,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Retrieval]:
+        r = self.retriever(query_input, token_mask)
+        n, heads, k = r.indices.shape
+        flat_idx = r.indices.reshape(n, heads * k)  # (n, H·k)
+        coef = r.weights.reshape(n, heads * k)  # (n, H·k)
+        if self.entry == "neuron":
+            u_rows = F.embedding(flat_idx, self.u, sparse=self.sparse_grads)  # (n, H·k, d)
+            coef = coef * self.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, H·k)
+        out = weighted_row_sum(self.v, flat_idx, coef, sparse=self.sparse_grads, use_bag=not static)
+        return out, r  # (n, d)
+
+
+def weighted_row_sum(
+    table: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, sparse: bool, use_bag: bool
+) -> torch.Tensor:
+    """Σ_j coef[n, j] · table[idx[n, j]] → (n, d).
+
+    `embedding_bag` never materialises the (n, j, d) rows; the gather path does, and is the one
+    that lowers on XLA. Both give the same numbers.
+    """
+    if use_bag:
+        return F.embedding_bag(
+            idx, table, per_sample_weights=coef.to(table.dtype), mode="sum", sparse=sparse
+        )
+    rows = F.embedding(idx, table, sparse=sparse)  # (n, j, d)
+    return torch.einsum("njd,nj->nd", rows, coef.to(rows.dtype))
+
+
+class ParameterPool(nn.Module):
+    """All partitions of the pool, by name, plus optional usage tracking."""
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__()
+        self.partitions = nn.ModuleDict(
+            {name: PoolPartition(config, name, size) for name, size in config.partition_sizes().items()}
+        )
+        self._usage: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def __getitem__(self, name: str) -> PoolPartition:
+        return self.partitions[name]
+
+    def entry_parameters(self) -> list[nn.Parameter]:
+        """The (N, d) entry tables: the parameters a sparse row-wise optimizer owns."""
+        return [t for part in self.partitions.values() for t in part.entry_tables().values()]
+
+    def forward(
+        self,
+        partition: str,
+        query_input: torch.Tensor,
+        x: torch.Tensor,
+        static: bool = False,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out, r = self.partitions[partition](query_input, x, static=static, token_mask=token_mask)
+        if self._usage is not None:
+            self._record(partition, r, token_mask)
+        return out
+
+    # ------------------------------------------------------------------ usage statistics
+    @contextlib.contextmanager
+    def track_usage(self):
+        """Count, per partition, how often each entry is read and the weight mass it receives.
+
+        Yields a dict name → {"counts": (N,) int64, "mass": (N,) float32}, filled as forwards run.
+        """
+        usage = {}
+        for name, part in self.partitions.items():
+            device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")
+            usage[name] = {
+                "counts": torch.zeros(part.num_entries, dtype=torch.int64, device=device),
+                "mass": torch.zeros(part.num_entries, dtype=torch.float32, device=device),
+            }
+        previous, self._usage = self._usage, usage
+        try:
+            yield usage
+        finally:
+            self._usage = previous
+
+    @torch.no_grad()
+    def _record(self, partition: str, r: Retrieval, token_mask: torch.Tensor | None) -> None:
+        idx, w = r.indices, r.weights.float()
+        if token_mask is not None:
+            idx, w = idx[token_mask], w[token_mask]
+        stats = self._usage[partition]
+        idx = idx.reshape(-1).to(stats["counts"].device)
+        stats["counts"].index_add_(0, idx, torch.ones_like(idx))
+        stats["mass"].index_add_(0, idx, w.reshape(-1).to(stats["mass"].device))
