@@ -28,3 +28,9 @@ __all__ = [
     "DPSNRCausalLMOutputWithPast",
     "DPSNRModelOutputWithPast",
 ]
+
+# Saved checkpoints carry `auto_map` and a flat copy of these files, so they load with
+# `trust_remote_code=True` where this package is not installed.
+DPSNRConfig.register_for_auto_class()
+DPSNRModel.register_for_auto_class("AutoModel")
+DPSNRForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -206,6 +206,11 @@ class DPSNRConfig(PreTrainedConfig):
         return sizes
 
     @property
+    def pool_reads_per_head(self) -> int:
+        """Entries each head reads per step: top-k, or the coordinate window K."""
+        return self.indexer_window if self.pool_retrieval == "coordinate" else self.pool_topk
+
+    @property
     def pool_entry_params(self) -> int:
         """Parameters stored per pool entry (u and v for neurons, v for values)."""
         return (2 if self.pool_entry == "neuron" else 1) * self.hidden_size
@@ -280,14 +285,15 @@ class DPSNRConfig(PreTrainedConfig):
                 f"pool_partitions fractions must sum to 1, got {sum(parts.values()):.6g} for {parts}."
             )
         for name, size in self.partition_sizes().items():
-            if size < self.pool_topk:
+            if self.pool_retrieval != "coordinate" and size < self.pool_topk:
                 raise ValueError(
                     f"pool_topk ({self.pool_topk}) is larger than partition {name!r} ({size} entries of "
                     f"pool_size={self.pool_size}); raise pool_size or lower pool_topk."
                 )
-            if self.pool_retrieval == "coordinate" and size < self.indexer_window:
+            if self.pool_retrieval == "coordinate" and size < self.indexer_window * self.pool_heads:
                 raise ValueError(
-                    f"indexer_window ({self.indexer_window}) is larger than partition {name!r} ({size} entries)."
+                    f"indexer_window ({self.indexer_window}) × pool_heads ({self.pool_heads}) is larger than "
+                    f"partition {name!r} ({size} entries): each head needs a stripe of at least one window."
                 )
         if self.pool_retrieval == "coordinate":
             _check_positive_int("indexer_hidden_size", self.indexer_hidden_size)

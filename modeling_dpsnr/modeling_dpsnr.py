@@ -538,11 +538,11 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.
 
         Per generated token it records the loop's steps, the active parameters and the pool rows
-        read (steps × heads × k), and `avg_loops`. With `return_dict_in_generate=True` the output
+        read (steps × heads × reads per head), and `avg_loops`. With `return_dict_in_generate=True` the output
         carries them as `reasoning_stats`; with `return_reasoning_stats=True` the call returns
         `(output, stats)`.
         """
-        collector = ReasoningStatsCollector(self.config.pool_heads * self.config.pool_topk)
+        collector = ReasoningStatsCollector(self.config.pool_heads * self.config.pool_reads_per_head)
         previous, self._stats_collector = self._stats_collector, collector
         try:
             output = super().generate(*args, **kwargs)

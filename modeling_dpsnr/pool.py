@@ -172,6 +172,43 @@ class ProductKeyRetriever(nn.Module):
             bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
 
 
+class CoordinateRetriever(nn.Module):
+    """The LearnedIndexer of the coordinate pool: per head, a centre μ ∈ [0, N) and a width σ > 0;
+    the step reads the K contiguous rows of a window around μ, weighted by a normalised Gaussian
+    of (i − μ)/σ. Cost O(K) whatever N is, and each head's read is one contiguous slice, which
+    suits a pool that stays on disk. Gradients reach μ and σ through the weights.
+
+    Head h addresses its own stripe [h·N/H, (h+1)·N/H) of the partition, so heads cannot all
+    collapse onto one region.
+    """
+
+    def __init__(self, config: DPSNRConfig, num_entries: int):
+        super().__init__()
+        self.num_entries = num_entries
+        self.heads = config.pool_heads
+        self.window = config.indexer_window
+        self.min_sigma = config.indexer_min_sigma
+        self.indexer = nn.Sequential(
+            nn.Linear(config.hidden_size, config.indexer_hidden_size),
+            nn.GELU(),
+            nn.Linear(config.indexer_hidden_size, 2 * self.heads),
+        )
+        stripe = num_entries / self.heads
+        self.register_buffer("stripe_start", torch.arange(self.heads, dtype=torch.float64) * stripe, persistent=False)
+        self.stripe = stripe
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Retrieval:
+        raw = self.indexer(x).float().view(x.shape[0], self.heads, 2)  # (n, H, 2)
+        span = max(self.stripe - 1.0, 0.0)
+        mu = self.stripe_start.float() + torch.sigmoid(raw[..., 0]) * span  # (n, H) in the head's stripe
+        sigma = self.min_sigma + F.softplus(raw[..., 1])  # (n, H)
+        start = (mu.detach().floor().long() - self.window // 2).clamp(0, self.num_entries - self.window)
+        idx = start.unsqueeze(-1) + torch.arange(self.window, device=x.device)  # (n, H, K) contiguous
+        z = (idx.float() - mu.unsqueeze(-1)) / sigma.unsqueeze(-1)
+        weights = (-0.5 * z.pow(2)).softmax(dim=-1).to(x.dtype)  # normalised Gaussian over the window
+        return Retrieval(indices=idx, weights=weights)
+
+
 class PoolPartition(nn.Module):
     """One named partition: its entry tables and its own retriever.
 
@@ -187,8 +224,6 @@ class PoolPartition(nn.Module):
         self.sparse_grads = config.pool_sparse_grads
         self.act = ACT2FN[config.pool_activation]
         if config.pool_retrieval == "coordinate":
-            from .indexer import CoordinateRetriever
-
             self.retriever = CoordinateRetriever(config, num_entries)
         else:
             self.retriever = ProductKeyRetriever(config, num_entries, exhaustive=config.pool_retrieval == "exhaustive")

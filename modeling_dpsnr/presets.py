@@ -26,6 +26,9 @@ PRESETS: dict[str, dict] = {
         pool_size=65536, pool_heads=4, pool_topk=8, pool_key_dim=64, loop_max_steps=4,
     ),
     # d 512, 4 blocks, 8 heads, GPT-2 vocabulary, 100,000 neuron entries 70/20/10, 8 steps.
+    # Measured 142.3M total (design: ≈141M) and 14.4M active per token (design: ≈15M); the two
+    # design figures cannot both hold exactly, since the fixed parts (102.4M pool + 25.7M
+    # embedding) leave ≈13M for the controller if the total is 141M.
     "tiny": dict(),
     # d 768, 8 blocks, GPT-2 vocabulary, ~1M neuron entries.
     "small": dict(
@@ -40,7 +43,13 @@ PRESETS: dict[str, dict] = {
 }
 
 # Measured by `python -m modeling_dpsnr.presets` (total, active per token at max steps).
-MEASURED: dict[str, tuple[int, int]] = {}
+MEASURED: dict[str, tuple[int, int]] = {
+    "debug": (662_849, 109_889),  # 0.7M total, 0.11M active
+    "micro": (38_382_273, 3_844_801),  # 38.4M total (33.6M pool), 3.84M active
+    "tiny": (142_295_169, 14_425_729),  # 142.3M total (102.4M pool), 14.43M active
+    "small": (1_714_520_577, 66_096_897),  # 1.71B total (1.61B pool), 66.1M active
+    "base": (8_861_016_833, 221_716_225),  # 8.86B total (8.59B pool), 221.7M active
+}
 
 
 def preset_kwargs(name: str) -> dict:

@@ -153,6 +153,6 @@ class ReasoningLoop(nn.Module):
 
     # ------------------------------------------------------------------ cost model
     def parameters_per_step(self) -> int:
-        """Pool parameters read per token per step: heads × k × parameters per entry."""
+        """Pool parameters read per token per step: heads × reads per head × parameters per entry."""
         c = self.config
-        return c.pool_heads * c.pool_topk * c.pool_entry_params
+        return c.pool_heads * c.pool_reads_per_head * c.pool_entry_params

@@ -1,0 +1,160 @@
+"""Pool retrieval and reads: product keys are exact, cost O(√N), and gradients touch only read rows."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeling_dpsnr.pool import PoolPartition, ProductKeyRetriever, product_key_sizes, weighted_row_sum
+
+from conftest import tiny_config, tiny_model
+
+
+def _retriever(num_entries, exhaustive=False, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_config(pool_size=max(num_entries, 10), pool_partitions={"p": 1.0}, **overrides)
+    r = ProductKeyRetriever(cfg, num_entries, exhaustive=exhaustive)
+    torch.nn.init.normal_(r.sub_keys1)
+    torch.nn.init.normal_(r.sub_keys2)
+    torch.nn.init.normal_(r.query.weight, std=0.3)
+    return r
+
+
+@pytest.mark.parametrize("num_entries", [10, 16, 37, 300, 1000, 1031])
+def test_product_key_topk_equals_exhaustive(num_entries):
+    fast = _retriever(num_entries)
+    ref = _retriever(num_entries, exhaustive=True)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(64, fast.query.in_features)
+    a, b = fast(x), ref(x)
+    assert a.indices.max() < num_entries and a.indices.min() >= 0
+    sa, ia = a.indices.sort(-1)
+    sb, ib = b.indices.sort(-1)
+    assert torch.equal(sa, sb)
+    torch.testing.assert_close(a.weights.gather(-1, ia), b.weights.gather(-1, ib))
+
+
+def test_product_key_sizes_leave_at_most_one_partial_row():
+    for n in [1, 2, 7, 100, 101, 70000, 48_828_125]:
+        n1, n2 = product_key_sizes(n)
+        assert n1 * n2 >= n and n1 * n2 - n < n2
+
+
+class _MaxNumel(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_product_key_retrieval_never_scores_the_whole_pool():
+    # One token, a 1M-entry partition: every tensor the retrieval creates must be ~√N, not N.
+    num_entries = 1_000_000
+    r = _retriever(num_entries)
+    x = torch.randn(1, r.query.in_features)
+    with torch.no_grad(), _MaxNumel() as probe:
+        out = r(x)
+    assert out.indices.shape == (1, r.heads, r.topk)
+    assert probe.max_numel < 20 * r.heads * (r.n1 + r.n2), probe.max_numel
+    with torch.no_grad(), _MaxNumel() as probe_ref:
+        _retriever(num_entries, exhaustive=True)(x)
+    assert probe_ref.max_numel >= num_entries  # the reference really is O(N): the probe can fail
+
+
+def _partition(entry="neuron", sparse=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(pool_entry=entry, pool_sparse_grads=sparse, pool_size=200, pool_partitions={"p": 1.0})
+    part = PoolPartition(cfg, "p", 200)
+    for t in part.entry_tables().values():
+        torch.nn.init.normal_(t, std=0.5)
+    torch.nn.init.normal_(part.retriever.sub_keys1)
+    torch.nn.init.normal_(part.retriever.sub_keys2)
+    return cfg, part
+
+
+@pytest.mark.parametrize("entry", ["neuron", "value"])
+def test_gradients_reach_only_the_rows_that_were_read(entry):
+    cfg, part = _partition(entry)
+    x = torch.randn(5, cfg.hidden_size)
+    out, r = part(x, x)
+    out.pow(2).sum().backward()
+    read = torch.zeros(200, dtype=torch.bool)
+    read[r.indices.flatten()] = True
+    for name, table in part.entry_tables().items():
+        touched = table.grad.abs().sum(-1) > 0
+        assert touched[~read].sum() == 0, f"{name}: gradient on rows never read"
+        assert touched[read].any()
+    # the retrieval modules learn too: query projection and both sub-key tables
+    assert part.retriever.query.weight.grad.abs().sum() > 0
+    assert part.retriever.sub_keys1.grad.abs().sum() > 0 and part.retriever.sub_keys2.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("entry", ["neuron", "value"])
+def test_sparse_gradients_equal_dense_ones(entry):
+    cfg, dense = _partition(entry, sparse=False)
+    _, sparse = _partition(entry, sparse=True)
+    x = torch.randn(6, cfg.hidden_size)
+    for part in (dense, sparse):
+        out, _ = part(x, x)
+        out.sum().backward()
+    for name, table in sparse.entry_tables().items():
+        assert table.grad.is_sparse
+        torch.testing.assert_close(table.grad.to_dense(), dense.entry_tables()[name].grad)
+
+
+def test_embedding_bag_and_gather_paths_agree():
+    table = torch.randn(50, 8, requires_grad=True)
+    idx = torch.randint(0, 50, (7, 6))
+    coef = torch.randn(7, 6)
+    a = weighted_row_sum(table, idx, coef, sparse=False, use_bag=True)
+    b = weighted_row_sum(table, idx, coef, sparse=False, use_bag=False)
+    torch.testing.assert_close(a, b)
+    ga, = torch.autograd.grad(a.sum(), table)
+    gb, = torch.autograd.grad(b.sum(), table)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_duplicate_rows_accumulate_gradient():
+    table = torch.zeros(4, 3, requires_grad=True)
+    idx = torch.tensor([[2, 2, 1]])
+    coef = torch.tensor([[1.0, 2.0, 1.0]])
+    weighted_row_sum(table, idx, coef, sparse=False, use_bag=True).sum().backward()
+    assert table.grad[2].tolist() == [3.0, 3.0, 3.0]  # summed, not last-write-wins
+
+
+def test_usage_tracking_counts_reads_and_weight_mass():
+    model = tiny_model()
+    cfg, pool = model.config, model.pool
+    x = torch.randn(9, cfg.hidden_size)
+    with pool.track_usage() as usage:
+        pool("knowledge", x, x)
+        pool("knowledge", x, x, token_mask=torch.arange(9) < 4)
+    counts, mass = usage["knowledge"]["counts"], usage["knowledge"]["mass"]
+    assert int(counts.sum()) == (9 + 4) * cfg.pool_heads * cfg.pool_topk
+    torch.testing.assert_close(mass.sum(), torch.tensor(float((9 + 4) * cfg.pool_heads)))
+    assert usage["grammar"]["counts"].sum() == 0
+    assert pool._usage is None  # tracking ends with the context
+
+
+def test_balance_bias_spreads_selection_without_changing_weights():
+    torch.manual_seed(0)
+    cfg = tiny_config(pool_size=400, pool_partitions={"p": 1.0}, pool_balance="bias", pool_balance_rate=0.05)
+    r = ProductKeyRetriever(cfg, 400).train()
+    torch.nn.init.normal_(r.sub_keys1)
+    torch.nn.init.normal_(r.sub_keys2)
+    x = torch.randn(256, cfg.hidden_size) * 0.1 + torch.randn(1, cfg.hidden_size)  # similar queries
+    before = r(x).indices.unique().numel()
+    for _ in range(50):
+        r(x)
+    after = r(x).indices.unique().numel()
+    assert after > before * 1.5, (before, after)
+    assert r.balance_bias1.abs().sum() > 0
+    # weights are a softmax of the unbiased scores of the chosen entries
+    r.eval()
+    out = r(x[:3])
+    assert torch.allclose(out.weights.sum(-1), torch.ones(3, cfg.pool_heads))
