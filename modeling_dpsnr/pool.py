@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .configuration_dpsnr import DPSNRConfig
@@ -172,15 +173,34 @@ class ProductKeyRetriever(nn.Module):
             bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
 
 
-class CoordinateRetriever(nn.Module):
-    """The LearnedIndexer of the coordinate pool: per head, a centre μ ∈ [0, N) and a width σ > 0;
-    the step reads the K contiguous rows of a window around μ, weighted by a normalised Gaussian
-    of (i − μ)/σ. Cost O(K) whatever N is, and each head's read is one contiguous slice, which
-    suits a pool that stays on disk. Gradients reach μ and σ through the weights.
+def stripe_bounds(num_entries: int, heads: int) -> list[tuple[int, int]]:
+    """Head h's stripe of a partition: rows [⌊h·N/H⌋, ⌊(h+1)·N/H⌋); every row in exactly one stripe."""
+    edges = [h * num_entries // heads for h in range(heads + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
-    Head h addresses its own stripe [h·N/H, (h+1)·N/H) of the partition, so heads cannot all
-    collapse onto one region.
+
+class CoordinateRetriever(nn.Module):
+    """The LearnedIndexer of the coordinate pool: per head, a centre μ and a width σ > 0; the step
+    reads the K contiguous rows of a window around μ, weighted by a normalised Gaussian of
+    (i − μ)/σ. Cost O(K) whatever N is, and each head's read is one contiguous slice, which suits
+    a pool that stays on disk. Gradients reach μ and σ through the weights.
+
+        x ─ indexer MLP ─▶ (n, H, 2) ─▶ p = sigmoid(·) ∈ (0, 1),  σ = min_sigma + softplus(·)
+          p ─ quantile warp (optional) ─▶ μ = p · (S_h − 1)       rows from the start of stripe h
+          window = K rows from clamp(⌊μ⌋ − K/2, 0, S_h − K),  w = softmax(−½((i − μ)/σ)²)
+
+    Head h addresses its own stripe of S_h ≈ N/H rows, so heads cannot all collapse onto one
+    region. Inside a stripe, one-dimensional addressing still tends to collapse onto a few
+    regions (DESIGN.md §3). `indexer_balance="quantile"` counters it without an auxiliary loss:
+    a running histogram of each head's p (updated in training mode) defines its CDF F, and the
+    head reads at F(p) instead of p. F is histogram equalisation (positions spread uniformly over
+    the stripe under the data distribution), monotone, so nearby queries stay nearby, and
+    piecewise linear with slope ≥ UNIFORM_FLOOR, so gradients always reach μ. It plays the role
+    the selection bias plays for product keys (loss-free balancing; Wang et al. 2024).
+    Positions are kept relative to the stripe in float32: exact rows up to 2^24 per stripe.
     """
+
+    UNIFORM_FLOOR = 0.1  # share of uniform mass mixed into the histogram: the warp never goes flat
 
     def __init__(self, config: DPSNRConfig, num_entries: int):
         super().__init__()
@@ -193,20 +213,65 @@ class CoordinateRetriever(nn.Module):
             nn.GELU(),
             nn.Linear(config.indexer_hidden_size, 2 * self.heads),
         )
-        stripe = num_entries / self.heads
-        self.register_buffer("stripe_start", torch.arange(self.heads, dtype=torch.float64) * stripe, persistent=False)
-        self.stripe = stripe
+        start, size = self._stripes()
+        self.register_buffer("stripe_start", start, persistent=False)  # (H,) int64, first row of each stripe
+        self.register_buffer("stripe_size", size, persistent=False)  # (H,) float32, rows per stripe
+        self.balance = config.indexer_balance == "quantile"
+        self.bins = config.indexer_balance_bins
+        self.momentum = config.indexer_balance_momentum
+        if self.balance:
+            self.register_buffer("position_histogram", torch.full((self.heads, self.bins), 1.0 / self.bins))
+
+    def _stripes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        bounds = stripe_bounds(self.num_entries, self.heads)
+        start = torch.tensor([lo for lo, _ in bounds], dtype=torch.int64)
+        return start, torch.tensor([hi - lo for lo, hi in bounds], dtype=torch.float32)
+
+    @torch.no_grad()
+    def init_weights_(self, std: float) -> None:
+        """Called by `_init_weights` (after the indexer's Linear layers): the stripes are
+        non-persistent buffers that transformers leaves empty when loading, and the warp starts
+        as the identity. transformers' init functions skip tensors loaded from a checkpoint."""
+        start, size = self._stripes()
+        init.copy_(self.stripe_start, start)
+        init.copy_(self.stripe_size, size)
+        if self.balance:
+            init.constant_(self.position_histogram, 1.0 / self.bins)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Retrieval:
         raw = self.indexer(x).float().view(x.shape[0], self.heads, 2)  # (n, H, 2)
-        span = max(self.stripe - 1.0, 0.0)
-        mu = self.stripe_start.float() + torch.sigmoid(raw[..., 0]) * span  # (n, H) in the head's stripe
+        pos = torch.sigmoid(raw[..., 0])  # (n, H) where in its stripe each head reads
+        if self.balance:
+            if self.training:
+                self._record_positions(pos.detach(), token_mask)
+            pos = self.equalise(pos)
+        mu = pos * (self.stripe_size - 1)  # (n, H) rows from the stripe start
         sigma = self.min_sigma + F.softplus(raw[..., 1])  # (n, H)
-        start = (mu.detach().floor().long() - self.window // 2).clamp(0, self.num_entries - self.window)
-        idx = start.unsqueeze(-1) + torch.arange(self.window, device=x.device)  # (n, H, K) contiguous
-        z = (idx.float() - mu.unsqueeze(-1)) / sigma.unsqueeze(-1)
+        start = (mu.detach().floor() - self.window // 2).clamp(min=0).minimum(self.stripe_size - self.window)  # (n, H)
+        offsets = torch.arange(self.window, device=x.device, dtype=torch.float32)  # (K,)
+        z = (start.unsqueeze(-1) + offsets - mu.unsqueeze(-1)) / sigma.unsqueeze(-1)  # (n, H, K)
         weights = (-0.5 * z.pow(2)).softmax(dim=-1).to(x.dtype)  # normalised Gaussian over the window
+        idx = (self.stripe_start + start.long()).unsqueeze(-1) + offsets.long()  # (n, H, K) contiguous
         return Retrieval(indices=idx, weights=weights)
+
+    def equalise(self, pos: torch.Tensor) -> torch.Tensor:
+        """p (n, H) → F_h(p): the running CDF of head h's positions, mixed with the uniform one."""
+        mass = (1 - self.UNIFORM_FLOOR) * self.position_histogram + self.UNIFORM_FLOOR / self.bins  # (H, B), sums to 1
+        cdf = F.pad(mass.cumsum(-1), (1, 0))  # (H, B+1)
+        scaled = pos.t() * self.bins  # (H, n)
+        b = scaled.detach().floor().clamp(0, self.bins - 1)
+        warped = cdf.gather(1, b.long()) + (scaled - b) * mass.gather(1, b.long())  # (H, n)
+        return warped.t().clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def _record_positions(self, pos: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        if token_mask is not None:
+            pos = pos[token_mask]
+        if pos.shape[0] == 0:
+            return
+        b = (pos.t() * self.bins).long().clamp_(0, self.bins - 1)  # (H, m)
+        counts = torch.zeros_like(self.position_histogram).scatter_add_(1, b, torch.ones_like(b, dtype=torch.float32))
+        self.position_histogram.lerp_(counts / pos.shape[0], self.momentum)
 
 
 class PoolPartition(nn.Module):
@@ -243,13 +308,15 @@ class PoolPartition(nn.Module):
     ) -> tuple[torch.Tensor, Retrieval]:
         r = self.retriever(query_input, token_mask)
         n, heads, k = r.indices.shape
-        flat_idx = r.indices.reshape(n, heads * k)  # (n, H·k)
+        # The tables may live elsewhere than the controller (host memory, a memory map; see
+        # storage.py): rows are gathered where the tables are, only (n, ·) results travel back.
+        flat_idx = r.indices.reshape(n, heads * k).to(self.v.device)  # (n, H·k)
         coef = r.weights.reshape(n, heads * k)  # (n, H·k)
         if self.entry == "neuron":
-            u_rows = F.embedding(flat_idx, self.u, sparse=self.sparse_grads)  # (n, H·k, d)
+            u_rows = F.embedding(flat_idx, self.u, sparse=self.sparse_grads).to(x.device, x.dtype)  # (n, H·k, d)
             coef = coef * self.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, H·k)
-        out = weighted_row_sum(self.v, flat_idx, coef, sparse=self.sparse_grads, use_bag=not static)
-        return out, r  # (n, d)
+        out = weighted_row_sum(self.v, flat_idx, coef.to(self.v.device), sparse=self.sparse_grads, use_bag=not static)
+        return out.to(x.device, x.dtype), r  # (n, d)
 
 
 def weighted_row_sum(
@@ -300,11 +367,19 @@ class ParameterPool(nn.Module):
 
     # ------------------------------------------------------------------ usage statistics
     @contextlib.contextmanager
-    def track_usage(self):
+    def track_usage(self, usage: dict[str, dict[str, torch.Tensor]] | None = None):
         """Count, per partition, how often each entry is read and the weight mass it receives.
 
         Yields a dict name → {"counts": (N,) int64, "mass": (N,) float32}, filled as forwards run.
+        Pass the dict of an earlier call to keep accumulating into it (no new O(N) buffers).
         """
+        if usage is not None:
+            previous, self._usage = self._usage, usage
+            try:
+                yield usage
+            finally:
+                self._usage = previous
+            return
         usage = {}
         for name, part in self.partitions.items():
             device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")

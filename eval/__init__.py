@@ -1,0 +1,1 @@
+"""Evaluation of DPSN-R: perplexity, reasoning analytics, benchmarks, plots."""

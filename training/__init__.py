@@ -1,0 +1,1 @@
+"""Training side of DPSN-R: data pipeline, trainer, pool optimizer."""
