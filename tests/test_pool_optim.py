@@ -297,6 +297,10 @@ def test_bad_hyperparameters_raise_naming_the_argument(kwargs: dict, name: str) 
         SparseRowAdam([table], **kwargs)
     with pytest.raises(ValueError, match=name):  # the same check applies to a group override
         SparseRowAdam([{"params": [table], **kwargs}])
+    opt = SparseRowAdam([table])
+    with pytest.raises(ValueError, match=name):  # ... and to a group added later, which is not kept
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 3))], **kwargs})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1
 
 
 def test_bad_parameters_and_max_norm_raise() -> None:

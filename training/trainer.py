@@ -178,9 +178,19 @@ class DPSNRTrainer(Trainer):
         params = [p for p in model.parameters() if p.grad is not None]
         dense = [p for p in params if id(p) not in self._pool_param_ids]
         sparse = [p for p in params if id(p) in self._pool_param_ids]
-        dense_norm = clip_grad_norm_(dense, self.args.max_grad_norm)
-        pool_sq = sum((_grad_values(p).float().pow(2).sum() for p in sparse), torch.zeros(()))
-        return torch.sqrt(dense_norm.float() ** 2 + pool_sq)
+        max_norm = self.args.max_grad_norm
+        if max_norm and max_norm > 0:
+            dense_norm = clip_grad_norm_(dense, max_norm).float()
+        else:
+            dense_norm = torch.sqrt(sum((p.grad.float().pow(2).sum() for p in dense), torch.zeros(())))
+        pool_sq = torch.zeros(())
+        for p in sparse:
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()  # once here; SparseRowAdam skips its own dedup for coalesced grads
+                pool_sq = pool_sq + p.grad.values().float().pow(2).sum()
+            else:
+                pool_sq = pool_sq + p.grad.float().pow(2).sum()
+        return torch.sqrt(dense_norm**2 + pool_sq)
 
     # ------------------------------------------------------------------ loss and metrics
     def _reset_window(self):
@@ -350,11 +360,6 @@ def pool_usage_logs(usage: dict[str, dict[str, torch.Tensor]]) -> dict[str, floa
         logs[f"pool_{name}_read_pct"] = round(100.0 * float((counts > 0).double().mean()), 3)
         logs[f"pool_{name}_kl_uniform"] = round(kl, 4)
     return logs
-
-
-def _grad_values(p: torch.Tensor) -> torch.Tensor:
-    """Gradient entries with duplicate sparse rows summed (their norm is the dense norm)."""
-    return p.grad.coalesce().values() if p.grad.is_sparse else p.grad
 
 
 def _fsync_tree(folder: str) -> None:
