@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .checkpoint_io import load_state, save_state, state_exists
+from .distributed import all_reduce_sparse_grads, exclude_from_ddp, pool_table_names, sparse_grads_supported
 from .pool_optim import SparseRowAdam, clip_grad_norm_
 
 logger = logging.get_logger(__name__)
@@ -139,8 +140,16 @@ class DPSNRTrainer(Trainer):
         if not hasattr(model, "pool"):
             raise ValueError(f"DPSNRTrainer trains DPSN-R models; got {type(model).__name__}")
         self.sparse_pool = getattr(self.args, "pool_optimizer", "dense") == "sparse_row_adam"
-        set_pool_sparse_grads(model, self.sparse_pool)
+        # Sparse tensors do not exist on XLA: there the pool keeps its own learning rate and no
+        # weight decay, but takes dense gradients in an AdamW group (clipped with the controller).
+        self.sparse_grads = self.sparse_pool and sparse_grads_supported(self.args.device)
+        set_pool_sparse_grads(model, self.sparse_grads)
         self._pool_param_ids = {id(p) for p in model.pool.entry_parameters()}
+        # DDP cannot reduce sparse gradients of plain parameters: the tables are left out of DDP
+        # and their gradients averaged after each synchronising backward (training/distributed.py).
+        self._reduce_pool_grads = self.sparse_grads and self.args.world_size > 1
+        if self._reduce_pool_grads:
+            exclude_from_ddp(self.model, pool_table_names(self.model))
         self._reset_window()
         self._eval_sums = {"lm": 0.0, "steps": 0.0, "tokens": 0}
         self._usage = None
@@ -158,10 +167,15 @@ class DPSNRTrainer(Trainer):
             {"params": [p for n, p in dense if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in dense if n not in decay], "weight_decay": 0.0},
         ]
+        if not self.sparse_grads:  # XLA: the pool as a dense group with its own learning rate
+            groups.append({"params": pool, "weight_decay": 0.0, "lr": self.args.pool_learning_rate})
         adamw = torch.optim.AdamW(
             groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
         )
+        if not self.sparse_grads:
+            self.optimizer = adamw
+            return self.optimizer
         pool_opt = SparseRowAdam(
             pool, lr=self.args.pool_learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon, rowwise_second_moment=self.args.pool_rowwise_second_moment,
@@ -173,7 +187,7 @@ class DPSNRTrainer(Trainer):
     def _clip_grad_norm(self, model):
         """Clip the controller's dense gradients; the pool optimizer clips the sparse ones itself.
         Returns the norm over all gradients (dense and sparse) before clipping, for logging."""
-        if not self.sparse_pool:
+        if not self.sparse_grads:
             return super()._clip_grad_norm(model)
         params = [p for p in model.parameters() if p.grad is not None]
         dense = [p for p in params if id(p) not in self._pool_param_ids]
@@ -205,7 +219,13 @@ class DPSNRTrainer(Trainer):
         else:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if core.training and outputs.lm_loss is not None and self._in_ponder_warmup():
-            loss = outputs.lm_loss
+            cfg = core.config
+            if cfg.loop_halting == "act" and cfg.loop_ponder_weight > 0:  # else the loss is the LM loss already
+                # Keep the factor the Trainer applied to the model's loss (× processes under DDP with
+                # average_tokens_across_devices; in place, so `outputs.loss` carries it too), or DDP
+                # would take half-size steps during the warmup. The model's own loss, unscaled:
+                model_loss = outputs.lm_loss + cfg.loop_ponder_weight * outputs.ponder_loss.to(outputs.lm_loss.dtype)
+                loss = outputs.lm_loss * (loss / model_loss).detach()
         mask = inputs.get("attention_mask")
         steps = outputs.reasoning_steps.float()
         mean_steps = (steps * mask).sum() / mask.sum().clamp(min=1) if mask is not None else steps.mean()
@@ -241,6 +261,8 @@ class DPSNRTrainer(Trainer):
                 f"optimizer step. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower the "
                 "learning rate(s), enable gradient clipping, or check the data."
             )
+        if self._reduce_pool_grads and self.accelerator.sync_gradients:
+            all_reduce_sparse_grads(_unwrap(model).pool.entry_parameters())
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -298,6 +320,19 @@ class DPSNRTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer restores `model.safetensors`; the pool lives in its own files beside it."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        core = _unwrap(model if model is not None else self.model)
+        if hasattr(core, "load_pool"):
+            core.load_pool(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        core = _unwrap(self.model)
+        if self.state.best_model_checkpoint and hasattr(core, "load_pool"):
+            core.load_pool(self.state.best_model_checkpoint)
+
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -350,7 +385,7 @@ def pool_usage_logs(usage: dict[str, dict[str, torch.Tensor]]) -> dict[str, floa
     """Per partition: % of rows read in the window and KL(read distribution ‖ uniform) in nats."""
     logs = {}
     for name, stats in usage.items():
-        counts = stats["counts"].double()
+        counts = stats["counts"].detach().cpu().double()  # on the host: `p[p > 0]` has a data-dependent shape
         total = counts.sum()
         if total == 0:
             continue
