@@ -185,6 +185,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--dataset-variants", nargs="*", default=[], metavar="DATASET=V1,V2",
+                   help="restrict the variants run on one dataset, e.g. wikitext2=dpsnr-micro,dense-llama")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--train-tokens", type=int, default=400_000, help="training tokens per run (the equal budget)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -195,6 +198,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default=str(RESULTS))
     args = p.parse_args(argv)
+    per_dataset = {}
+    for item in args.dataset_variants:
+        ds, _, names = item.partition("=")
+        if ds not in DATASETS or not names or any(n not in VARIANTS for n in names.split(",")):
+            p.error(f"--dataset-variants {item!r}: expected DATASET=V1,V2 with known names")
+        per_dataset[ds] = names.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     report = {"command": "python -m eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
               "train_tokens": args.train_tokens, "tokens_per_step": args.batch_size * args.block_size,
@@ -208,7 +219,7 @@ def main(argv=None) -> dict:
             data = build_datasets(DataArguments(block_size=args.block_size, max_eval_samples=args.max_eval_blocks, **data_kwargs),
                                   tok, model_max_positions=512, model_vocab_size=args.vocab_size)
             rows = []
-            for name in args.variants:
+            for name in per_dataset.get(ds, args.variants):
                 kind, overrides = VARIANTS[name]
                 row = run_variant(name, kind, overrides, data, tok, args, workdir / ds)
                 rows.append(row)

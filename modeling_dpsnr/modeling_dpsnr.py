@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .configuration_dpsnr import DPSNRConfig
 from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
 from .reasoning import ReasoningLoop
+from .storage import PoolStorageMixin
 
 
 logger = logging.get_logger(__name__)
@@ -245,7 +246,9 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
 
 
 # ---------------------------------------------------------------------------- models
-class DPSNRPreTrainedModel(PreTrainedModel):
+# PoolStorageMixin (storage.py): the pool in its own safetensors shards, memory-mapped loading,
+# knowledge injection (write_pool_rows) and place_controller.
+class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
     config_class = DPSNRConfig
     config: DPSNRConfig
     base_model_prefix = "model"
@@ -413,7 +416,9 @@ class DPSNRModel(DPSNRPreTrainedModel):
             token_mask = attention_mask[:, -T:].bool()
             if bool(token_mask.all()):
                 token_mask = None
-        loop = self.loop(hidden_states, token_mask, static=self._use_static_loop(hidden_states))
+        loop = self.loop(
+            hidden_states, token_mask, static=self._use_static_loop(hidden_states), token_embeddings=inputs_embeds
+        )
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:

@@ -1,0 +1,825 @@
+"""Pool storage: the entry tables live in their own safetensors shards, beside the controller.
+
+    save_directory/
+      config.json, generation_config.json, *.py   (remote code)
+      model.safetensors                  the controller: every tensor except the pool's entry tables
+      pool.safetensors.index.json        table → pieces (file, rows); dtype; bytes + sha256 per file
+      pool.safetensors                   a small pool in one file, or
+      pool-00001-of-00040.safetensors    shards of at most `pool_max_shard_size` bytes
+
+Tables are named "{partition}.{u|v}". Every shard is a plain safetensors file (8-byte little-endian
+header length, JSON header, raw little-endian data) that `safetensors.safe_open` reads. Small tables
+are packed together; a table larger than a shard is cut by rows into pieces, each alone in its file.
+The writer pads each header so data starts on a 64 KiB boundary and cuts pieces at multiples of
+64 KiB, so the pieces of one table can be mapped back to back into one address range (any page
+size up to 64 KiB) and the table stays one tensor.
+
+Why not `safetensors.torch.save_file`: it needs each tensor whole in memory. `write_pool_files`
+pulls rows chunk by chunk from a function and hashes while writing, so a 100B-parameter pool is
+written with a few chunks of RAM (DESIGN.md §5).
+
+Why an own reader: `safe_open` copies tensors out. Here a shard is mapped copy-on-write
+(MAP_PRIVATE: the file never changes) with MADV_RANDOM, so only the pages of rows actually read
+enter memory. Without the advice the kernel reads ahead and maps whole page-cache folios: measured
+on Linux 6.18, 1.5 MB of resident memory per random 512-byte read against 32 KB with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+INDEX_NAME = "pool.safetensors.index.json"
+FORMAT = "dpsnr-pool"
+VERSION = 1
+ALIGN = 1 << 16  # data offsets and piece boundaries: a multiple of every common page size
+CHUNK_BYTES = 64 << 20  # rows moved per write / copy step
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# State-dict keys of the entry tables (model.loop.pool.partitions.<name>.<u|v>), matched by re.search.
+POOL_TABLE_KEY = r"loop\.pool\.partitions\.(?P<part>[^.]+)\.(?P<table>[uv])$"
+_SHARD_NAME = re.compile(r"pool(-\d{5}-of-\d{5})?\.safetensors")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class PoolStorageError(ValueError):
+    """A pool file is damaged, or disagrees with its index or with the model's configuration."""
+
+
+class PoolReadOnlyError(RuntimeError):
+    """A write into a pool that is memory-mapped read-only."""
+
+
+def parse_size(size: int | str) -> int:
+    """"5GB" → 5·10⁹ bytes, "512MiB" → 512·2²⁰ (the units transformers' max_shard_size accepts)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"pool_max_shard_size must be bytes or like '5GB', got {size!r}.")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def pool_table_shapes(config) -> dict[str, tuple[int, int]]:
+    """The (rows, hidden_size) of every entry table the config implies, in partition order."""
+    kinds = ("u", "v") if config.pool_entry == "neuron" else ("v",)
+    return {f"{p}.{k}": (n, config.hidden_size) for p, n in config.partition_sizes().items() for k in kinds}
+
+
+def pool_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(r * d for r, d in pool_table_shapes(config).values()) * itemsize
+
+
+# ---------------------------------------------------------------------------- writing
+@dataclass
+class Piece:
+    table: str
+    start: int
+    stop: int
+
+
+def plan_shards(shapes: dict[str, tuple[int, int]], itemsize: int, max_shard_bytes: int) -> list[list[Piece]]:
+    """Pack whole tables into shards of ≤ max_shard_bytes; cut larger tables into aligned pieces."""
+    shards: list[list[Piece]] = []
+    current: list[Piece] = []
+    used = 0
+    for name, (rows, d) in shapes.items():
+        row_bytes = d * itemsize
+        if rows * row_bytes <= max_shard_bytes:
+            if current and used + rows * row_bytes > max_shard_bytes:
+                shards.append(current)
+                current, used = [], 0
+            current.append(Piece(name, 0, rows))
+            used += rows * row_bytes
+            continue
+        if current:
+            shards.append(current)
+            current, used = [], 0
+        unit = ALIGN // math.gcd(row_bytes, ALIGN)  # rows per piece: a multiple of this keeps pieces aligned
+        step = max(unit, max_shard_bytes // row_bytes // unit * unit)
+        shards.extend([Piece(name, s, min(rows, s + step))] for s in range(0, rows, step))
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    return ["pool.safetensors"] if count == 1 else [f"pool-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    pad = -(8 + len(raw)) % ALIGN  # safetensors allows trailing spaces in the header
+    return struct.pack("<Q", len(raw) + pad) + raw + b" " * pad
+
+
+def _raw_bytes(t: torch.Tensor):
+    """A zero-copy buffer over a contiguous CPU tensor (stdlib only; numpy has no bfloat16)."""
+    return (ctypes.c_uint8 * (t.numel() * t.element_size())).from_address(t.data_ptr())
+
+
+RowSource = Callable[[str, int, int], torch.Tensor]  # (table, start, stop) → rows start:stop
+
+
+def write_pool_files(
+    directory: str | os.PathLike,
+    shapes: dict[str, tuple[int, int]],
+    dtype: torch.dtype,
+    rows: RowSource,
+    max_shard_bytes: int,
+    extra: dict | None = None,
+) -> dict:
+    """Stream every table into shards under `directory`, then write the index; returns the index.
+
+    Rows come from `rows(table, start, stop)` at most CHUNK_BYTES at a time, so no table is ever
+    whole in memory. Each shard is written to a temporary name and renamed: a pool that is
+    memory-mapped from the same directory keeps its old inode. Shards of an earlier save that the
+    new index no longer names are removed.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("pool files are little-endian; writing them on a big-endian host is not supported.")
+    if dtype not in _DTYPE_CODES:
+        raise ValueError(f"pool dtype must be one of {list(_DTYPE_CODES)}, got {dtype}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = plan_shards(shapes, itemsize, max_shard_bytes)
+    tables = {name: {"shape": list(shape), "pieces": []} for name, shape in shapes.items()}
+    files = {}
+    for fname, pieces in zip(shard_names(len(shards)), shards):
+        entries, offset = {}, 0
+        for p in pieces:
+            nbytes = (p.stop - p.start) * shapes[p.table][1] * itemsize
+            entries[p.table] = {"dtype": _DTYPE_CODES[dtype], "shape": [p.stop - p.start, shapes[p.table][1]],
+                                "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            tables[p.table]["pieces"].append({"file": fname, "rows": [p.start, p.stop]})
+        meta = {"format": "pt", FORMAT: str(VERSION), **{f"rows.{p.table}": f"{p.start}:{p.stop}" for p in pieces}}
+        files[fname] = _write_shard(directory / fname, _header_bytes(entries, meta), pieces, shapes, dtype, rows)
+    index = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."),
+             **(extra or {}), "tables": tables, "files": files}
+    tmp = directory / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, directory / INDEX_NAME)
+    for stale in directory.iterdir():
+        if _SHARD_NAME.fullmatch(stale.name) and stale.name not in files:
+            stale.unlink()
+    return index
+
+
+def _write_shard(path: Path, header: bytes, pieces: list[Piece], shapes, dtype, rows: RowSource) -> dict:
+    digest = hashlib.sha256(header)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for p in pieces:
+            d = shapes[p.table][1]
+            step = max(1, CHUNK_BYTES // (d * torch.empty((), dtype=dtype).element_size()))
+            for start in range(p.start, p.stop, step):
+                stop = min(p.stop, start + step)
+                chunk = rows(p.table, start, stop).detach().to(device="cpu", dtype=dtype).contiguous()
+                if tuple(chunk.shape) != (stop - start, d):
+                    raise ValueError(f"row source gave {tuple(chunk.shape)} for {p.table}[{start}:{stop}], expected {(stop - start, d)}.")
+                buf = _raw_bytes(chunk)
+                f.write(buf)
+                digest.update(buf)
+                del buf, chunk
+        f.flush()
+        os.fsync(f.fileno())
+        _drop_cached(f.fileno())
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _drop_cached(fd: int) -> None:
+    """Let the kernel drop this file's (clean) pages from the page cache. A pool streamed through
+    once should not evict everything else; and pages cached by a sequential pass sit in large
+    folios, which a later memory map would page in whole (MBs per row read instead of KBs)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+        _drop_cached(f.fileno())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- reading and checking
+def read_header(path: Path) -> tuple[dict, int]:
+    """The header of a safetensors file and the byte offset of its data, after checking every
+    entry against the file: known dtype, offsets inside the data, size = numel · itemsize, no
+    overlap and no gap (safetensors forbids both), nothing past the end (a truncated file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pool file missing: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise PoolStorageError(f"{path}: {size} bytes, too short for a safetensors header (truncated?).")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise PoolStorageError(f"{path}: corrupted safetensors header: it declares {n} header bytes in a {size}-byte file.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PoolStorageError(f"{path}: corrupted safetensors header: not valid JSON ({err}).") from None
+    if not isinstance(header, dict):
+        raise PoolStorageError(f"{path}: corrupted safetensors header: expected a JSON object.")
+    data_len = size - 8 - n
+    spans = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(e, dict) and e.get("dtype") in _ITEMSIZE and isinstance(e.get("shape"), list) \
+            and all(isinstance(s, int) and s >= 0 for s in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+            and len(e["data_offsets"]) == 2 and all(isinstance(o, int) for o in e["data_offsets"])
+        if not ok:
+            raise PoolStorageError(f"{path}: corrupted safetensors header: bad entry for tensor {name!r}: {e!r}.")
+        begin, end = e["data_offsets"]
+        if not 0 <= begin <= end:
+            raise PoolStorageError(f"{path}: corrupted safetensors header: tensor {name!r} has offsets {begin}..{end}.")
+        if end > data_len:
+            raise PoolStorageError(
+                f"{path}: truncated: tensor {name!r} ends at data byte {end} but the file holds {data_len} data bytes."
+            )
+        if end - begin != math.prod(e["shape"]) * _ITEMSIZE[e["dtype"]]:
+            raise PoolStorageError(f"{path}: corrupted safetensors header: tensor {name!r} spans {end - begin} bytes, "
+                                   f"not shape {e['shape']} × {e['dtype']}.")
+        spans.append((begin, end, name))
+    spans.sort()
+    covered = 0
+    for begin, end, name in spans:
+        if begin != covered:
+            raise PoolStorageError(f"{path}: corrupted safetensors header: tensor {name!r} starts at {begin}, expected {covered}.")
+        covered = end
+    if covered != data_len:
+        raise PoolStorageError(f"{path}: {data_len - covered} bytes after the last tensor (corrupted header or appended data).")
+    return header, 8 + n
+
+
+@dataclass
+class PoolFiles:
+    """A checked pool on disk: its index, the local path of every shard, and their headers."""
+
+    directory: Path
+    index: dict
+    paths: dict[str, Path]
+    headers: dict[str, tuple[dict, int]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.index["dtype"])
+
+
+def resolve_pool(path: str | os.PathLike, **hub_kwargs) -> tuple[Path, dict[str, Path]] | None:
+    """(index path, shard paths) of the pool of a checkpoint directory or Hub repo; None without an index."""
+    sub = hub_kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        folder = Path(path) / sub
+        index_path = folder / INDEX_NAME
+        if not index_path.is_file():
+            return None
+        names = _index_file_names(index_path)
+        return index_path, {name: folder / name for name in names}
+    from transformers.utils import cached_file
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS}
+    found = cached_file(str(path), INDEX_NAME, _raise_exceptions_for_missing_entries=False, **kwargs)
+    if found is None:
+        return None
+    index_path = Path(found)
+    return index_path, {name: Path(cached_file(str(path), name, **kwargs)) for name in _index_file_names(index_path)}
+
+
+def _load_index(index_path: Path) -> dict:
+    try:
+        index = json.loads(index_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PoolStorageError(f"{index_path}: not valid JSON ({err}).") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("tables"), dict) \
+            or not isinstance(index.get("files"), dict):
+        raise PoolStorageError(f"{index_path}: not a {FORMAT} index (needs format, tables, files).")
+    if index.get("version") != VERSION:
+        raise PoolStorageError(f"{index_path}: pool format version {index.get('version')!r}, this code reads {VERSION}.")
+    if index.get("dtype") not in {str(t).removeprefix("torch.") for t in DTYPES.values()}:
+        raise PoolStorageError(f"{index_path}: pool dtype {index.get('dtype')!r} is not a floating type {list(DTYPES)}.")
+    return index
+
+
+def _index_file_names(index_path: Path) -> list[str]:
+    names = list(_load_index(index_path)["files"])
+    for name in names:
+        if not _SHARD_NAME.fullmatch(name):
+            raise PoolStorageError(f"{index_path}: names an unexpected shard file {name!r}.")
+    return names
+
+
+def check_pool(index_path: Path, paths: dict[str, Path], shapes: dict[str, tuple[int, int]], verify: bool = False) -> PoolFiles:
+    """Check a pool against the config's table shapes before any row is read.
+
+    Missing shard → FileNotFoundError; wrong size, broken header, a table whose shape or dtype
+    disagrees with the config or the index, or (verify=True) a sha256 mismatch → PoolStorageError.
+    Every message names the file.
+    """
+    index = _load_index(index_path)
+    dtype_code = _DTYPE_CODES[getattr(torch, index["dtype"])]
+    if set(index["tables"]) != set(shapes):
+        raise PoolStorageError(
+            f"{index_path}: the pool holds tables {sorted(index['tables'])} but the config expects {sorted(shapes)} "
+            "(pool_entry or pool_partitions differ)."
+        )
+    headers = {}
+    for name, info in index["files"].items():
+        path = paths[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"pool file missing: {path} (listed in {index_path}).")
+        size = path.stat().st_size
+        if isinstance(info, dict) and "bytes" in info and size != info["bytes"]:
+            raise PoolStorageError(f"{path}: {size} bytes, but {index_path.name} recorded {info['bytes']} (truncated or replaced).")
+        headers[name] = read_header(path)
+        if verify:
+            if not isinstance(info, dict) or "sha256" not in info:
+                raise PoolStorageError(f"{index_path}: no sha256 recorded for {name}; cannot verify it.")
+            if sha256_file(path) != info["sha256"]:
+                raise PoolStorageError(f"{path}: sha256 differs from the one recorded in {index_path.name} at save: the file is corrupted.")
+    for table, (rows, d) in shapes.items():
+        entry = index["tables"][table]
+        if list(entry.get("shape", [])) != [rows, d]:
+            files = sorted({p["file"] for p in entry.get("pieces", [])})
+            raise PoolStorageError(
+                f"{index_path} ({', '.join(files)}): table {table!r} has shape {entry.get('shape')} but the config expects "
+                f"{[rows, d]} (partition size × hidden_size)."
+            )
+        expect = 0
+        for piece in entry.get("pieces", []):
+            start, stop = piece["rows"]
+            path = paths.get(piece["file"])
+            if path is None or start != expect or stop <= start:
+                raise PoolStorageError(f"{index_path}: pieces of {table!r} do not tile rows 0..{rows} ({piece}).")
+            t = headers[piece["file"]][0].get(table)
+            if t is None:
+                raise PoolStorageError(f"{path}: has no tensor {table!r}, which {index_path.name} places there.")
+            if t["dtype"] != dtype_code:
+                raise PoolStorageError(f"{path}: tensor {table!r} is {t['dtype']} but the pool is {dtype_code} ({index_path.name}).")
+            if t["shape"] != [stop - start, d]:
+                raise PoolStorageError(
+                    f"{path}: tensor {table!r} has shape {t['shape']} but rows {start}:{stop} of hidden_size {d} "
+                    f"need {[stop - start, d]}."
+                )
+            expect = stop
+        if expect != rows:
+            raise PoolStorageError(f"{index_path}: pieces of {table!r} cover rows 0..{expect}, not 0..{rows}.")
+    return PoolFiles(index_path.parent, index, paths, headers)
+
+
+# ---------------------------------------------------------------------------- mapping
+def _map_file(path: Path, random_access: bool) -> torch.Tensor:
+    """The whole file as a uint8 tensor, mapped copy-on-write: writes never reach the file."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_RANDOM if random_access else mmap.MADV_SEQUENTIAL)
+    return torch.frombuffer(m, dtype=torch.uint8)  # keeps `m` alive as long as the tensor
+
+
+def _map_contiguous(parts: list[tuple[Path, int, int]]) -> torch.Tensor:
+    """Map (file, offset, nbytes) parts back to back into one address range: one uint8 tensor.
+
+    Reserves the range with an inaccessible anonymous mapping, then maps each part over it with
+    MAP_FIXED (POSIX). Offsets, and the lengths of all but the last part, must be page multiples:
+    the writer aligns them to 64 KiB. Unmapped when the tensor is freed.
+    """
+    import weakref
+
+    page = mmap.PAGESIZE
+    for i, (path, offset, nbytes) in enumerate(parts):
+        if offset % page or (i < len(parts) - 1 and nbytes % page):
+            raise PoolStorageError(
+                f"{path}: this piece of a split table is not page-aligned (offset {offset}, {nbytes} bytes), so the pieces "
+                "cannot be mapped as one table. Re-save the pool with save_pretrained, or load with pool_mmap=False."
+            )
+    if os.name != "posix":
+        raise PoolStorageError(f"{parts[0][0]}: memory-mapping a table split over several shards needs POSIX mmap; "
+                               "load with pool_mmap=False or save with a larger pool_max_shard_size.")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    total = sum(n for _, _, n in parts)
+    reserved = -(-total // page) * page
+    failed = ctypes.c_void_p(-1).value
+    base = libc.mmap(None, reserved, mmap.PROT_NONE if hasattr(mmap, "PROT_NONE") else 0,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base in (None, failed):
+        raise OSError(ctypes.get_errno(), f"cannot reserve {reserved} bytes of address space for {parts[0][0]}")
+    at = base
+    map_fixed = 0x10  # MAP_FIXED on Linux, macOS and the BSDs
+    for path, offset, nbytes in parts:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = libc.mmap(at, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | map_fixed, fd, offset)
+        finally:
+            os.close(fd)
+        if got != at:
+            libc.munmap(base, reserved)
+            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+        at += nbytes
+    libc.madvise(base, reserved, mmap.MADV_RANDOM)
+    buf = (ctypes.c_uint8 * total).from_address(base)
+    weakref.finalize(buf, libc.munmap, base, reserved)
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def map_tables(pool: PoolFiles, random_access: bool = True) -> dict[str, torch.Tensor]:
+    """Every table as an (N, d) tensor over the mapped files; nothing is read until rows are touched."""
+    dtype = pool.dtype
+    whole: dict[str, torch.Tensor] = {}
+    out = {}
+    for table, entry in pool.index["tables"].items():
+        rows, d = entry["shape"]
+        parts = []
+        for piece in entry["pieces"]:
+            header, data_start = pool.headers[piece["file"]]
+            begin, end = header[table]["data_offsets"]
+            parts.append((pool.paths[piece["file"]], data_start + begin, end - begin))
+        if len(parts) == 1:
+            path, offset, nbytes = parts[0]
+            if path.name not in whole:
+                whole[path.name] = _map_file(path, random_access)
+            if offset % dtype.itemsize:
+                raise PoolStorageError(f"{path}: tensor {table!r} starts at byte {offset}, not a multiple of its {dtype} size.")
+            flat = whole[path.name][offset:offset + nbytes]
+        else:
+            flat = _map_contiguous(parts)
+        out[table] = flat.view(dtype).view(rows, d)
+    return out
+
+
+# ---------------------------------------------------------------------------- model-level helpers
+@dataclass
+class PoolSource:
+    """Where a model's pool tables came from (kept on the model as `_pool_source`)."""
+
+    directory: Path
+    mmap: bool
+    data_ptrs: dict[str, int]  # table → address of its data, to recognise the same tables later
+
+
+def model_pool_tables(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{p}.{k}": t for p, part in model.pool.partitions.items() for k, t in part.entry_tables().items()}
+
+
+def split_state_dict(state_dict: dict) -> tuple[dict, dict]:
+    """(controller tensors, pool tables by table name)."""
+    controller, pool = {}, {}
+    for key, value in state_dict.items():
+        m = re.search(POOL_TABLE_KEY, key)
+        if m:
+            pool[f"{m['part']}.{m['table']}"] = value
+        else:
+            controller[key] = value
+    return controller, pool
+
+
+def save_pool(model: nn.Module, directory: str | os.PathLike, tables: dict[str, torch.Tensor],
+              max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None) -> dict | None:
+    """Write the pool of `model` beside its controller; skipped when `directory` already holds the
+    memory-mapped files these very tables come from (saving a mapped model into its own folder)."""
+    source: PoolSource | None = getattr(model, "_pool_source", None)
+    directory = Path(directory)
+    if source is not None and source.mmap and (directory / INDEX_NAME).exists() \
+            and os.path.samefile(source.directory, directory) \
+            and all(k in tables and tables[k].data_ptr() == ptr for k, ptr in source.data_ptrs.items()) \
+            and (dtype is None or dtype == next(iter(tables.values())).dtype):
+        return None
+    shapes = pool_table_shapes(model.config)
+    if set(tables) != set(shapes):
+        raise ValueError(f"pool tables {sorted(tables)} do not match the config's {sorted(shapes)}.")
+    dtype = dtype or next(iter(tables.values())).dtype
+    return write_pool_files(
+        directory, shapes, dtype, lambda name, a, b: tables[name][a:b], parse_size(max_shard_size),
+        extra={"hidden_size": model.config.hidden_size, "pool_entry": model.config.pool_entry,
+               "partitions": model.config.partition_sizes()},
+    )
+
+
+def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool = False, **hub_kwargs) -> bool:
+    """Fill the model's entry tables from the pool files of checkpoint `path` (copying, in chunks), or
+    with `mmap_pool=True` replace them by frozen read-only tensors over the mapped files.
+    Returns False when the checkpoint has no pool index."""
+    found = resolve_pool(path, **hub_kwargs)
+    if found is None:
+        return False
+    pool = check_pool(*found, pool_table_shapes(model.config), verify=verify)
+    mapped = map_tables(pool, random_access=mmap_pool)
+    tables = model_pool_tables(model)
+    if mmap_pool:
+        for name, tensor in mapped.items():
+            part_name, kind = name.rsplit(".", 1)
+            param = nn.Parameter(tensor, requires_grad=False)
+            param._is_hf_initialized = True  # transformers' init functions skip it
+            setattr(model.pool.partitions[part_name], kind, param)
+        model._pool_source = PoolSource(pool.directory, True, {k: t.data_ptr() for k, t in model_pool_tables(model).items()})
+        return True
+    with torch.no_grad():
+        for name, src in mapped.items():
+            dst = tables[name]
+            step = max(1, CHUNK_BYTES // (src.shape[1] * src.element_size()))
+            for start in range(0, src.shape[0], step):
+                dst[start:start + step].copy_(src[start:start + step])
+    model._pool_source = PoolSource(pool.directory, False, {k: t.data_ptr() for k, t in tables.items()})
+    return True
+
+
+def checkpoint_has_pool_tables(path, **hub_kwargs) -> bool:
+    """Whether the controller weights of checkpoint `path` already hold the entry tables (a
+    checkpoint saved before the pool had its own files)."""
+    from transformers.utils import cached_file
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS}
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        found = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        if found is None:
+            continue
+        keys = json.loads(Path(found).read_text())["weight_map"] if name.endswith(".json") else read_header(Path(found))[0]
+        return any(re.search(POOL_TABLE_KEY, k) for k in keys)
+    return False
+
+
+def materialize_meta(model: nn.Module, device: str | torch.device = "cpu") -> list[str]:
+    """Give every tensor still on the meta device an (uninitialised) home on `device`; shared
+    tensors stay shared. Returns their names, for `initialize_weights` to fill."""
+    done: dict[int, torch.Tensor] = {}
+    names = []
+    for prefix, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device=device)
+                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    names.append(f"{prefix}.{name}".lstrip("."))
+                store[name] = done[id(t)]
+    return names
+
+
+def _load_controller_weights(path, hub: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    single = cached_file(str(path), "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+    if single is not None:
+        return load_file(single)
+    index = cached_file(str(path), "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index is None:
+        raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json) holding the controller.")
+    state = {}
+    for name in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
+        state.update(load_file(cached_file(str(path), name, **hub)))
+    return state
+
+
+def _single_device(device_map) -> torch.device:
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError("pool_mmap=True places the whole controller on one device; got a device_map over several.")
+        device_map = devices.pop()
+    if device_map in ("auto", "balanced", "sequential"):
+        raise ValueError(f"device_map={device_map!r} is not supported with pool_mmap=True; name one device (e.g. 'cuda:0').")
+    return torch.device(device_map)
+
+
+class PoolStorageMixin:
+    """Pool-aware checkpoints for DPSN-R models (a base of `DPSNRPreTrainedModel`).
+
+    - `save_pretrained`: transformers writes the controller (model.safetensors, config, remote
+      code); the entry tables go to their own shards (`pool_max_shard_size`, `pool_dtype`).
+    - `from_pretrained`: as in transformers, then the tables are filled from the shards. With
+      `pool_mmap=True` the tables are never allocated: they are mapped read-only from the shards
+      and frozen, so a pool larger than RAM loads; `device_map="cuda:0"` then places only the
+      controller. `pool_verify=True` checks every shard's sha256 against the index.
+    - `write_pool_rows` / `read_pool_rows`: knowledge injection, an explicit API (DESIGN.md §5).
+    - `place_controller(device)`: move everything except the tables.
+    """
+
+    _keys_to_ignore_on_load_missing = [POOL_TABLE_KEY]
+    _pool_source: PoolSource | None = None
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                        push_to_hub: bool = False, *, pool_max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                        pool_dtype: torch.dtype | None = None, **kwargs):
+        if os.path.isfile(save_directory):  # transformers reports it
+            return super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub, **kwargs)
+        controller, pool = split_state_dict(self.state_dict() if state_dict is None else state_dict)
+        on_rank = self.should_save_on_this_rank(is_main_process) if hasattr(self, "should_save_on_this_rank") else is_main_process
+        push = self._prepare_push(save_directory, kwargs) if push_to_hub and on_rank else None
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=controller,
+                                push_to_hub=False, **kwargs)
+        if on_rank and pool:
+            save_pool(self, save_directory, pool, pool_max_shard_size, pool_dtype)
+        if push is not None:
+            # As transformers' own save_pretrained(push_to_hub=True), but after the pool is written.
+            from transformers.utils.hub import create_and_tag_model_card
+
+            card = create_and_tag_model_card(push["repo_id"], self.model_tags, token=kwargs.get("token"))
+            card.save(os.path.join(save_directory, "README.md"))
+            self._upload_modified_files(save_directory, push["repo_id"], push["timestamps"], token=kwargs.get("token"),
+                                        commit_message=push["commit_message"], create_pr=push["create_pr"])
+
+    def _prepare_push(self, save_directory, kwargs: dict) -> dict:
+        from transformers.utils.hub import hf_api
+
+        os.makedirs(save_directory, exist_ok=True)
+        push = {"commit_message": kwargs.pop("commit_message", None), "create_pr": kwargs.pop("create_pr", False)}
+        repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1])
+        own = {"max_shard_size", "variant", "token", "save_peft_format", "save_original_format", "distributed_checkpoint",
+               "safe_serialization"}
+        repo_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in own}
+        push["repo_id"] = hf_api().create_repo(repo_id, exist_ok=True, token=kwargs.get("token"), **repo_kwargs).repo_id
+        push["timestamps"] = self._get_files_timestamps(save_directory)
+        return push
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, pool_mmap: bool = False,
+                        pool_verify: bool = False, **kwargs):
+        if pool_mmap:
+            return cls._from_pretrained_mmap(pretrained_model_name_or_path, model_args, pool_verify, kwargs)
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            path = pretrained_model_name_or_path
+            if not model.load_pool(path, verify=pool_verify, **hub) and not checkpoint_has_pool_tables(path, **hub):
+                raise FileNotFoundError(
+                    f"{os.path.join(os.fspath(path), hub.get('subfolder') or '', INDEX_NAME)} is missing: the checkpoint "
+                    "holds neither pool shards nor pool tables in its weights, so the pool would be random."
+                )
+        return result
+
+    @classmethod
+    def _from_pretrained_mmap(cls, path, model_args: tuple, verify: bool, kwargs: dict):
+        """Controller from model.safetensors, tables memory-mapped: the pool is never allocated.
+
+        Built on the meta device; controller tensors are assigned from the checkpoint and marked
+        initialised; the tables are mapped; what remains on meta (non-persistent buffers such as
+        the RoPE frequencies and the coordinate stripes) gets memory and transformers'
+        `initialize_weights` fills exactly those.
+        """
+        if model_args:
+            raise TypeError("from_pretrained(pool_mmap=True) takes no extra positional model arguments.")
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        config = kwargs.pop("config", None)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        device_map = kwargs.pop("device_map", None)
+        for harmless in ("trust_remote_code", "_from_auto", "_from_pipeline", "use_safetensors", "low_cpu_mem_usage", "adapter_kwargs"):
+            kwargs.pop(harmless, None)
+        if config is None:
+            config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **hub, **kwargs)
+        if kwargs:
+            raise TypeError(f"from_pretrained(pool_mmap=True) got unsupported arguments {sorted(kwargs)}.")
+        with torch.device("meta"):
+            model = cls(config)
+        for module in model.modules():
+            module.__dict__.pop("_is_hf_initialized", None)
+        state = _load_controller_weights(path, hub)
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if isinstance(dtype, torch.dtype):
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: the controller weights hold tensors this config has no place for: {result.unexpected_keys[:8]}.")
+        tensors = model.state_dict(keep_vars=True)
+        for key in state:
+            tensors[key]._is_hf_initialized = True
+        model.tie_weights()
+        if not model.load_pool(path, mmap=True, verify=verify, **hub):
+            raise FileNotFoundError(f"{path}: no {INDEX_NAME}; pool_mmap=True needs the pool in its own files (re-save with save_pretrained).")
+        missing = [k for k in result.missing_keys if not re.search(POOL_TABLE_KEY, k) and tensors[k].is_meta
+                   and k not in getattr(model, "all_tied_weights_keys", {})]
+        if missing:
+            logger.warning(f"Weights not in the checkpoint {path}, newly initialised: {missing}.")
+        materialize_meta(model, "cpu")
+        model.initialize_weights()
+        model.eval()
+        if getattr(model, "can_generate", lambda: False)():
+            from transformers import GenerationConfig
+
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(path, **hub)
+            except OSError:
+                pass
+        if device_map is not None:
+            model.place_controller(_single_device(device_map))
+        return model
+
+    def load_pool(self, path, mmap: bool = False, verify: bool = False, **hub_kwargs) -> bool:
+        """Load the pool shards of checkpoint `path` into this model (see `load_pool_into`); False if
+        it has none. Trainers resuming from a checkpoint call this after loading model.safetensors."""
+        return load_pool_into(self, path, mmap_pool=mmap, verify=verify, **hub_kwargs)
+
+    # ------------------------------------------------------------------ knowledge injection
+    @torch.no_grad()
+    def write_pool_rows(self, partition: str, indices, u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        """Overwrite rows `indices` of `partition` with new entries (u: neuron keys, v: values), in
+        place; nothing else changes. `save_pretrained` then persists them beside an unchanged controller."""
+        source = self._pool_source
+        if source is not None and source.mmap:
+            raise PoolReadOnlyError(
+                f"the pool is memory-mapped read-only from {source.directory}; load it with pool_mmap=False to write rows."
+            )
+        part = self._pool_partition(partition)
+        idx = self._pool_indices(part, indices)
+        tables = part.entry_tables()
+        if u is None and v is None:
+            raise ValueError("write_pool_rows needs u and/or v.")
+        for kind, rows in (("u", u), ("v", v)):
+            if rows is None:
+                continue
+            if kind not in tables:
+                raise ValueError(f"pool_entry={self.config.pool_entry!r} stores no {kind!r} table.")
+            rows = torch.as_tensor(rows)
+            table = tables[kind]
+            if tuple(rows.shape) != (idx.numel(), table.shape[1]):
+                raise ValueError(f"{kind} must have shape {(idx.numel(), table.shape[1])} (rows × hidden_size), got {tuple(rows.shape)}.")
+            if not torch.isfinite(rows).all():
+                raise ValueError(f"{kind} holds non-finite values.")
+            table[idx.to(table.device)] = rows.to(device=table.device, dtype=table.dtype)
+
+    @torch.no_grad()
+    def read_pool_rows(self, partition: str, indices) -> dict[str, torch.Tensor]:
+        """Copies of rows `indices` of `partition`'s tables, by table ("u", "v")."""
+        part = self._pool_partition(partition)
+        idx = self._pool_indices(part, indices)
+        return {k: t[idx.to(t.device)].clone() for k, t in part.entry_tables().items()}
+
+    def _pool_partition(self, partition: str):
+        if partition not in self.pool.partitions:
+            raise KeyError(f"unknown pool partition {partition!r}; partitions: {list(self.pool.partitions)}.")
+        return self.pool.partitions[partition]
+
+    @staticmethod
+    def _pool_indices(part, indices) -> torch.Tensor:
+        idx = torch.as_tensor(indices)
+        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"indices must be a 1-D integer tensor or list, got {tuple(idx.shape)} {idx.dtype}.")
+        idx = idx.long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= part.num_entries):
+            raise IndexError(f"indices must lie in [0, {part.num_entries}) for partition {part.name!r}.")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError("indices repeat a row: each row can be written once per call.")
+        return idx
+
+    # ------------------------------------------------------------------ placement
+    def place_controller(self, device: str | torch.device):
+        """Move every parameter and buffer except the pool's entry tables to `device`.
+
+        The tables stay where they are (host memory, a memory map): each read gathers its rows
+        there and only the (n, d) result travels to the controller's device.
+        """
+        device = torch.device(device)
+        tables = {id(t) for t in model_pool_tables(self).values()}
+        moved: dict[int, torch.Tensor] = {}
+        for module in self.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is None or id(t) in tables:
+                        continue
+                    if id(t) not in moved:
+                        new = t.data.to(device)
+                        moved[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    store[name] = moved[id(t)]
+        return self

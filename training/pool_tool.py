@@ -1,0 +1,184 @@
+"""Create, grow and verify large pools on disk without ever holding a table in memory.
+
+    python -m training.pool_tool init   --config PRESET|PATH --out DIR [--dtype bfloat16] [--shards N]
+                                        [--set pool_size=1048576 ...] [--pool-only]
+    python -m training.pool_tool grow   --src DIR --out DIR --pool-size N
+    python -m training.pool_tool verify DIR
+
+`init` streams randomly initialised tables into pool shards (chunks of CHUNK_BYTES) and, unless
+--pool-only, saves a freshly initialised controller beside them: a checkpoint that
+`from_pretrained(DIR, pool_mmap=True)` opens with a few hundred MB of RAM.
+
+`grow` writes a larger pool from an existing one, chunk by chunk:
+- coordinate retrieval: each head's stripe is stretched. Row j of the new stripe copies the old
+  row at the same relative position, so μ (a relative position, predicted by an indexer that does
+  not depend on N) still lands on the same content. σ is measured in rows, so a window now spans
+  fewer distinct old rows and outputs shift somewhat; the duplicated rows diverge with training.
+- product keys / exhaustive: old rows keep their indices and new rows are random. The sub-key
+  tables change shape with N, so load the grown checkpoint with
+  `from_pretrained(DIR, ignore_mismatched_sizes=True)`; transformers re-initialises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
+from modeling_dpsnr.pool import stripe_bounds
+from modeling_dpsnr.storage import (
+    DEFAULT_MAX_SHARD_SIZE, check_pool, map_tables, materialize_meta, parse_size, pool_bytes, pool_table_shapes,
+    resolve_pool, write_pool_files,
+)
+
+
+def load_config(spec: str, overrides: dict | None = None) -> DPSNRConfig:
+    """A preset name, a config.json, or a checkpoint directory; `overrides` set fields (validated)."""
+    path = Path(spec)
+    if path.exists():
+        base = DPSNRConfig.from_pretrained(str(path)).to_dict()
+    else:
+        base = DPSNRConfig.from_preset(spec).to_dict()
+    base.update(overrides or {})
+    if overrides and "loop_max_steps" in overrides:
+        base.pop("loop_phase_schedule", None)
+    return DPSNRConfig.from_dict(base)
+
+
+def _pool_extra(config: DPSNRConfig) -> dict:
+    return {"hidden_size": config.hidden_size, "pool_entry": config.pool_entry, "partitions": config.partition_sizes()}
+
+
+def random_rows(config: DPSNRConfig, seed: int):
+    """Row source of N(0, pool_init_std) entries; a chunk's seed is derived from its table and
+    first row, so a pool is reproducible for a given seed and chunk size."""
+    std = config.pool_init_std or config.initializer_range
+    names = list(pool_table_shapes(config))
+
+    def rows(name: str, start: int, stop: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + names.index(name) * 7_919 + start)
+        return torch.randn(stop - start, config.hidden_size, generator=g) * std
+
+    return rows
+
+
+def init_checkpoint(config: DPSNRConfig, out: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, pool_only: bool = False) -> dict:
+    """Stream a random pool into `out`; unless `pool_only`, add a fresh controller (config, weights, code)."""
+    index = write_pool_files(Path(out), pool_table_shapes(config), dtype, random_rows(config, seed),
+                             parse_size(max_shard_size), extra=_pool_extra(config))
+    if not pool_only:
+        init_controller(config, out, seed)
+    return index
+
+
+def init_controller(config: DPSNRConfig, out: str | Path, seed: int = 0) -> None:
+    """Save a freshly initialised controller for `config` beside the pool files already in `out`.
+    The tables are mapped from those files, never allocated, and `save_pretrained` leaves them."""
+    with torch.device("meta"):
+        model = DPSNRForCausalLM(config)
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    model.load_pool(out, mmap=True)
+    materialize_meta(model, "cpu")
+    torch.manual_seed(seed)
+    model.initialize_weights()
+    model.save_pretrained(out)
+
+
+def grow_checkpoint(src: str | Path, out: str | Path, pool_size: int, seed: int = 0,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> DPSNRConfig:
+    """Write a checkpoint with `pool_size` entries into `out` from the one in `src` (see module doc)."""
+    src, out = Path(src), Path(out)
+    old = DPSNRConfig.from_pretrained(str(src))
+    if pool_size < old.pool_size:
+        raise ValueError(f"grow only enlarges a pool: {pool_size} < current {old.pool_size}.")
+    new = load_config(str(src), {"pool_size": pool_size})
+    found = resolve_pool(src)
+    if found is None:
+        raise FileNotFoundError(f"{src} has no pool index to grow.")
+    old_tables = map_tables(check_pool(*found, pool_table_shapes(old)), random_access=False)
+    fresh = random_rows(new, seed)
+    old_sizes, new_sizes = old.partition_sizes(), new.partition_sizes()
+
+    def rows(name: str, start: int, stop: int) -> torch.Tensor:
+        part = name.rsplit(".", 1)[0]
+        j = torch.arange(start, stop, dtype=torch.int64)
+        if new.pool_retrieval == "coordinate":
+            return old_tables[name][_stretch(j, old_sizes[part], new_sizes[part], new.pool_heads)].float()
+        block = fresh(name, start, stop)
+        keep = j < old_sizes[part]
+        if keep.any():
+            block[keep] = old_tables[name][j[keep]].float()
+        return block
+
+    dtype = getattr(torch, json.loads(found[0].read_text())["dtype"])
+    write_pool_files(out, pool_table_shapes(new), dtype, rows, parse_size(max_shard_size), extra=_pool_extra(new))
+    for f in src.iterdir():  # controller weights and remote code are unchanged
+        if f.name.startswith("model.safetensors") or f.suffix == ".py" or f.name == "generation_config.json":
+            shutil.copy2(f, out / f.name)
+    new.save_pretrained(str(out))
+    return new
+
+
+def _stretch(j: torch.Tensor, old_n: int, new_n: int, heads: int) -> torch.Tensor:
+    """Old row at the same relative position of the same head stripe as new row j."""
+    old_b = torch.tensor(stripe_bounds(old_n, heads), dtype=torch.float64)  # (H, 2)
+    new_b = torch.tensor(stripe_bounds(new_n, heads), dtype=torch.float64)
+    h = torch.searchsorted(new_b[:, 1].contiguous(), j.double(), right=True).clamp(max=heads - 1)
+    rel = (j.double() - new_b[h, 0]) / (new_b[h, 1] - new_b[h, 0] - 1).clamp(min=1)
+    return (old_b[h, 0] + torch.round(rel * (old_b[h, 1] - old_b[h, 0] - 1))).long()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="stream a random pool (and a fresh controller) into a checkpoint")
+    p.add_argument("--config", required=True, help="preset name, config.json or checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shards", type=int, help="about this many shards (default: shards of 5 GB)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides, e.g. pool_size=1048576")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-only", action="store_true", help="write the pool shards only")
+    g = sub.add_parser("grow", help="write a larger pool from an existing checkpoint")
+    g.add_argument("--src", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--pool-size", type=int, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("verify", help="check every pool shard (headers, sizes, sha256) against the config")
+    v.add_argument("dir")
+    args = parser.parse_args(argv)
+
+    if args.command == "init":
+        overrides = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tfn\"" else value
+        config = load_config(args.config, overrides)
+        dtype = getattr(torch, args.dtype)
+        size = math.ceil(pool_bytes(config, dtype) / args.shards) if args.shards else DEFAULT_MAX_SHARD_SIZE
+        index = init_checkpoint(config, args.out, dtype, size, args.seed, args.pool_only)
+        print(json.dumps({"out": args.out, "shards": len(index["files"]), "pool_bytes": pool_bytes(config, dtype)}))
+    elif args.command == "grow":
+        new = grow_checkpoint(args.src, args.out, args.pool_size, args.seed)
+        if new.pool_retrieval != "coordinate":
+            print("product-key sub-keys change shape with the pool: load with ignore_mismatched_sizes=True", file=sys.stderr)
+        print(json.dumps({"out": args.out, "pool_size": new.pool_size}))
+    else:
+        config = DPSNRConfig.from_pretrained(args.dir)
+        found = resolve_pool(args.dir)
+        if found is None:
+            raise SystemExit(f"{args.dir}: no pool index")
+        pool = check_pool(*found, pool_table_shapes(config), verify=True)
+        print(json.dumps({"dir": args.dir, "verified_shards": len(pool.paths)}))
+
+
+if __name__ == "__main__":
+    main()
