@@ -41,8 +41,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Fine-tune this model folder or Hub id instead of a fresh preset."}
     )
-    config_overrides: dict | None = field(
-        default=None, metadata={"help": "Config fields to override, e.g. {loop_max_steps: 2} (ablations)."}
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config fields to override, as a YAML/JSON mapping, e.g. '{loop_max_steps: 2}' (ablations)."},
     )
     tokenizer: str | None = field(
         default=None,
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None):
         model_args.config_overrides = overrides
     elif isinstance(model_args.config_overrides, str):
         model_args.config_overrides = yaml.safe_load(model_args.config_overrides)
+    if model_args.config_overrides is not None and not isinstance(model_args.config_overrides, dict):
+        raise ValueError(f"config_overrides must be a mapping of config fields, got {model_args.config_overrides!r}")
     return model_args, data_args, train_args, run_args
 
 
@@ -109,6 +112,7 @@ def build_model(model_args: ModelArguments, tokenizer):
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **overrides
         )
         return model
+    check_tokenizer_matches_model(tokenizer, DPSNRConfig.from_preset(model_args.preset, **overrides).vocab_size)
     config = DPSNRConfig.from_preset(
         model_args.preset,
         eos_token_id=tokenizer.eos_token_id,
@@ -133,13 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Everything that can be wrong with the inputs is checked before the first step.
     preset_vocab = DPSNRConfig.from_preset(model_args.preset).vocab_size if model_args.preset else None
-    tokenizer = build_tokenizer(model_args, data_args, train_args.output_dir, preset_vocab or 0)
-    model = build_model(model_args, tokenizer)
-    check_tokenizer_matches_model(tokenizer, model.config.vocab_size)
-    datasets = build_datasets(
-        data_args, tokenizer,
-        model_max_positions=model.config.max_position_embeddings, model_vocab_size=model.config.vocab_size,
-    )
+    # Rank 0 trains the tokenizer and fills the dataset cache; the other ranks then read them.
+    with train_args.main_process_first(desc="tokenizer and datasets"):
+        tokenizer = build_tokenizer(model_args, data_args, train_args.output_dir, preset_vocab or 0)
+        model = build_model(model_args, tokenizer)
+        check_tokenizer_matches_model(tokenizer, model.config.vocab_size)
+        datasets = build_datasets(
+            data_args, tokenizer,
+            model_max_positions=model.config.max_position_embeddings, model_vocab_size=model.config.vocab_size,
+        )
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"DPSN-R {model_args.preset or model_args.model_name_or_path}: {n_params / 1e6:.1f}M parameters")
 
