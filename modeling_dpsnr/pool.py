@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,13 +164,17 @@ class ProductKeyRetriever(nn.Module):
 
     @torch.no_grad()
     def _update_balance(self, i1: torch.Tensor, i2: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        """b ← b + rate·sign(mean load − load), per head and sub-key table."""
+        """b ← b + rate·sign(mean load − load), per head and sub-key table.
+
+        Masked tokens add 0 rather than being dropped: boolean indexing has a data-dependent shape,
+        which XLA cannot compile without a host round trip (here and in the other usage counters)."""
         for ids, bias, size in ((i1, self.balance_bias1, self.n1), (i2, self.balance_bias2, self.n2)):
+            hits = torch.ones_like(ids, dtype=torch.float32)  # (n, H, k)
             if token_mask is not None:
-                ids = ids[token_mask]
+                hits = hits * token_mask.view(-1, 1, 1)
             load = torch.zeros(self.heads, size, device=ids.device, dtype=torch.float32)
             heads = torch.arange(self.heads, device=ids.device).view(1, -1, 1).expand_as(ids)
-            load.index_put_((heads.reshape(-1), ids.reshape(-1)), torch.ones((), device=ids.device), accumulate=True)
+            load.index_put_((heads.reshape(-1), ids.reshape(-1)), hits.reshape(-1), accumulate=True)
             bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
 
 
@@ -265,13 +270,13 @@ class CoordinateRetriever(nn.Module):
 
     @torch.no_grad()
     def _record_positions(self, pos: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        if token_mask is not None:
-            pos = pos[token_mask]
-        if pos.shape[0] == 0:
-            return
-        b = (pos.t() * self.bins).long().clamp_(0, self.bins - 1)  # (H, m)
-        counts = torch.zeros_like(self.position_histogram).scatter_add_(1, b, torch.ones_like(b, dtype=torch.float32))
-        self.position_histogram.lerp_(counts / pos.shape[0], self.momentum)
+        # Masked tokens count 0 (no boolean indexing: see ProductKeyRetriever._update_balance).
+        hits = torch.ones_like(pos) if token_mask is None else token_mask.view(-1, 1).expand_as(pos).float()  # (n, H)
+        b = (pos.t() * self.bins).long().clamp_(0, self.bins - 1)  # (H, n)
+        counts = torch.zeros_like(self.position_histogram).scatter_add_(1, b, hits.t().contiguous())
+        total = hits[:, 0].sum()
+        # No tokens: weight 0 leaves the histogram exactly as it was.
+        self.position_histogram.lerp_(counts / total.clamp(min=1), self.momentum * (total > 0).float())
 
 
 class PoolPartition(nn.Module):
@@ -299,6 +304,12 @@ class PoolPartition(nn.Module):
     def entry_tables(self) -> dict[str, nn.Parameter]:
         return {"u": self.u, "v": self.v} if self.entry == "neuron" else {"v": self.v}
 
+    def gather_rows(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """table[idx] → (*idx.shape, d). Every row read outside `embedding_bag` goes through here, so
+        training code that places the tables elsewhere (rows sharded across devices, see
+        training/distributed.py) replaces this one read and leaves the model unchanged."""
+        return F.embedding(idx, table, sparse=self.sparse_grads)
+
     def forward(
         self,
         query_input: torch.Tensor,  # (n, d) what the retriever sees (normed state + step embedding)
@@ -313,25 +324,33 @@ class PoolPartition(nn.Module):
         flat_idx = r.indices.reshape(n, heads * k).to(self.v.device)  # (n, H·k)
         coef = r.weights.reshape(n, heads * k)  # (n, H·k)
         if self.entry == "neuron":
-            u_rows = F.embedding(flat_idx, self.u, sparse=self.sparse_grads).to(x.device, x.dtype)  # (n, H·k, d)
+            u_rows = self.gather_rows(self.u, flat_idx).to(x.device, x.dtype)  # (n, H·k, d)
             coef = coef * self.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, H·k)
-        out = weighted_row_sum(self.v, flat_idx, coef.to(self.v.device), sparse=self.sparse_grads, use_bag=not static)
+        out = weighted_row_sum(
+            self.v, flat_idx, coef.to(self.v.device), sparse=self.sparse_grads, use_bag=not static, gather=self.gather_rows
+        )
         return out.to(x.device, x.dtype), r  # (n, d)
 
 
 def weighted_row_sum(
-    table: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, sparse: bool, use_bag: bool
+    table: torch.Tensor,
+    idx: torch.Tensor,
+    coef: torch.Tensor,
+    sparse: bool,
+    use_bag: bool,
+    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ_j coef[n, j] · table[idx[n, j]] → (n, d).
 
     `embedding_bag` never materialises the (n, j, d) rows; the gather path does, and is the one
-    that lowers on XLA. Both give the same numbers.
+    that lowers on XLA. Both give the same numbers. `gather(table, idx)` replaces the plain row
+    read of the gather path (`PoolPartition.gather_rows`).
     """
     if use_bag:
         return F.embedding_bag(
             idx, table, per_sample_weights=coef.to(table.dtype), mode="sum", sparse=sparse
         )
-    rows = F.embedding(idx, table, sparse=sparse)  # (n, j, d)
+    rows = F.embedding(idx, table, sparse=sparse) if gather is None else gather(table, idx)  # (n, j, d)
     return torch.einsum("njd,nj->nd", rows, coef.to(rows.dtype))
 
 
@@ -395,10 +414,11 @@ class ParameterPool(nn.Module):
 
     @torch.no_grad()
     def _record(self, partition: str, r: Retrieval, token_mask: torch.Tensor | None) -> None:
-        idx, w = r.indices, r.weights.float()
-        if token_mask is not None:
-            idx, w = idx[token_mask], w[token_mask]
+        idx, w = r.indices, r.weights.float()  # (n, H, k)
+        hits = torch.ones_like(idx)
+        if token_mask is not None:  # masked tokens add 0 (no boolean indexing: XLA, see _update_balance)
+            hits = hits * token_mask.view(-1, 1, 1)
         stats = self._usage[partition]
         idx = idx.reshape(-1).to(stats["counts"].device)
-        stats["counts"].index_add_(0, idx, torch.ones_like(idx))
-        stats["mass"].index_add_(0, idx, w.reshape(-1).to(stats["mass"].device))
+        stats["counts"].index_add_(0, idx, hits.reshape(-1).to(stats["counts"].device))
+        stats["mass"].index_add_(0, idx, (w * hits).reshape(-1).to(stats["mass"].device))

@@ -29,6 +29,7 @@ BAD_CONFIGS = [
     (dict(pool_retrieval="hash"), "pool_retrieval"),
     (dict(pool_entry="expert"), "pool_entry"),
     (dict(pool_query_norm="batch"), "pool_query_norm"),
+    (dict(pool_query_input="context"), "pool_query_input"),
     (dict(pool_balance="aux_loss"), "pool_balance"),
     (dict(pool_sparse_grads="yes"), "pool_sparse_grads"),
     (dict(loop_min_steps=5), "loop_min_steps"),  # > loop_max_steps (4)
@@ -43,6 +44,8 @@ BAD_CONFIGS = [
     (dict(hidden_act="swishy"), "hidden_act"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     (dict(attention_dropout=1.0), "attention_dropout"),
+    (dict(pad_token_id=97), "pad_token_id"),  # outside the vocabulary of 97
+    (dict(eos_token_id=[3, -1]), "eos_token_id"),
     (dict(pool_retrieval="coordinate", indexer_window=1000), "indexer_window"),
 ]
 

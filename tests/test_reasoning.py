@@ -27,10 +27,10 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
         [0.1, 0.1, 0.1, 0.1],   # never reaches 1-ε: capped at 4, R = .7
         [0.5, 0.49, 0.2, 0.2],  # c: .5 .99 → halts at 2 with ε = .01, R = .5
     ])
-    model = tiny_model(loop_max_steps=4, loop_halt_epsilon=0.01)
+    model = tiny_model(loop_max_steps=4, loop_halt_epsilon=0.01, pool_query_input="state")
     loop = model.model.loop
 
-    def step(h, s, static, token_mask=None):
+    def step(h, s, static, token_mask=None, token=None):
         # identify tokens by their state's first coordinate (h0 = token id, +1 per step)
         ids = (h[:, 0] - s).round().long()
         return h + 1.0, probs[ids, s]
