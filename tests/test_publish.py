@@ -135,8 +135,6 @@ def test_published_model_equals_the_original_and_a_damaged_shard_is_refused(publ
         DPSNRForCausalLM.from_pretrained(damaged, pool_verify=True)
 
 
-@pytest.mark.xfail(raises=TypeError, reason="storage.py: from_pretrained(pool_mmap=True) rejects the `adapter_kwargs` "
-                                            "that AutoModelForCausalLM passes on")
 def test_auto_class_loads_the_published_pool_memory_mapped(published):
     from transformers import AutoModelForCausalLM
 
