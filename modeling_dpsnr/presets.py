@@ -86,8 +86,8 @@ POOL_STORAGE: dict[str, dict] = {
     "base": dict(pool_bytes_16bit=17_179_869_184, shards=6,
                  machine="inference: 8 GB RAM + 18 GB disk (pool_mmap); training: 80 GB accelerator, or 96 GB host RAM"),
     "350m-10b": dict(pool_bytes_16bit=20_000_000_000, shards=5,
-                     machine="inference: 4 GB RAM + 20 GB SSD (pool_mmap; measured ≤ 2 GB RSS with a micro "
-                             "controller, eval/bench_pool_scale.py); training: 2× 80 GB GPUs or 128 GB host RAM"),
+                     machine="inference: 4 GB RAM + 20 GB SSD (pool_mmap; a 20 GB pool under a micro controller "
+                             "peaked at 0.42 GB RSS, eval/bench_pool_scale.py); training: 2× 80 GB GPUs or 128 GB host RAM"),
     "1.5b-100b": dict(pool_bytes_16bit=200_000_000_000, shards=43,
                       machine="inference: one 16 GB GPU for the bf16 controller (3.1 GB) + 16 GB host RAM + "
                               "200 GB NVMe for the memory-mapped pool; training: ≥ 8× 80 GB GPUs with the pool "

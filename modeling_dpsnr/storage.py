@@ -486,6 +486,42 @@ def map_tables(pool: PoolFiles, random_access: bool = True) -> dict[str, torch.T
     return out
 
 
+class Prefetcher:
+    """Ask the kernel for the pages of every row a retrieval is about to read, all at once.
+
+    Registered as a forward hook on each retriever of a memory-mapped pool: the indices exist
+    before the rows are read, so MADV_WILLNEED starts the disk reads of all heads' rows in
+    parallel instead of one page fault after another (a cold read from disk costs ~0.5 ms here).
+    The pages go to the page cache only; they count as resident once the read touches them.
+    Best effort: silently inactive where madvise is unavailable. Measured (eval/bench_pool_scale.py
+    setup, 4 GB pool, cold page cache): decode 1.6-2× faster with coordinate windows, 1.4× with
+    product keys; when every page is already cached, the one call per random product-key row
+    costs up to a third of the decode speed (`pool_prefetch=False` then).
+    """
+
+    def __init__(self, tables: list[torch.Tensor]):
+        self.tables = [(t.data_ptr(), t.shape[1] * t.element_size()) for t in tables]
+        self.page = mmap.PAGESIZE
+        try:
+            self.madvise = ctypes.CDLL(None, use_errno=True).madvise
+            self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            self.madvise = None
+
+    def __call__(self, module, inputs, retrieval) -> None:
+        if self.madvise is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        rows = retrieval.indices.detach().reshape(-1).unique().cpu()
+        for base, row_bytes in self.tables:
+            first = (base + rows * row_bytes) // self.page  # (r,) first page of each row
+            last = (base + (rows + 1) * row_bytes - 1) // self.page
+            span = first[:, None] + torch.arange(-(-row_bytes // self.page) + 1)  # (r, pages a row can touch)
+            pages = torch.minimum(span, last[:, None]).unique()
+            breaks = (pages.diff() > 1).nonzero().squeeze(-1) + 1
+            for run in pages.tensor_split(breaks):
+                self.madvise(int(run[0]) * self.page, (int(run[-1]) - int(run[0]) + 1) * self.page, mmap.MADV_WILLNEED)
+
+
 # ---------------------------------------------------------------------------- model-level helpers
 @dataclass
 class PoolSource:
@@ -534,9 +570,11 @@ def save_pool(model: nn.Module, directory: str | os.PathLike, tables: dict[str, 
     )
 
 
-def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool = False, **hub_kwargs) -> bool:
+def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool = False, prefetch: bool = True,
+                   **hub_kwargs) -> bool:
     """Fill the model's entry tables from the pool files of checkpoint `path` (copying, in chunks), or
-    with `mmap_pool=True` replace them by frozen read-only tensors over the mapped files.
+    with `mmap_pool=True` replace them by frozen read-only tensors over the mapped files (with
+    `prefetch`, each retrieval first asks the kernel for all its rows: see `Prefetcher`).
     Returns False when the checkpoint has no pool index."""
     found = resolve_pool(path, **hub_kwargs)
     if found is None:
@@ -550,6 +588,8 @@ def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool
             param = nn.Parameter(tensor, requires_grad=False)
             param._is_hf_initialized = True  # transformers' init functions skip it
             setattr(model.pool.partitions[part_name], kind, param)
+        for part in model.pool.partitions.values() if prefetch else ():
+            part.retriever.register_forward_hook(Prefetcher(list(part.entry_tables().values())))
         model._pool_source = PoolSource(pool.directory, True, {k: t.data_ptr() for k, t in model_pool_tables(model).items()})
         return True
     with torch.no_grad():
@@ -630,7 +670,8 @@ class PoolStorageMixin:
     - `from_pretrained`: as in transformers, then the tables are filled from the shards. With
       `pool_mmap=True` the tables are never allocated: they are mapped read-only from the shards
       and frozen, so a pool larger than RAM loads; `device_map="cuda:0"` then places only the
-      controller. `pool_verify=True` checks every shard's sha256 against the index.
+      controller. `pool_verify=True` checks every shard's sha256 against the index;
+      `pool_prefetch=False` turns off the read-ahead of retrieved rows (see `Prefetcher`).
     - `write_pool_rows` / `read_pool_rows`: knowledge injection, an explicit API (DESIGN.md §5).
     - `place_controller(device)`: move everything except the tables.
     """
@@ -674,9 +715,9 @@ class PoolStorageMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, pool_mmap: bool = False,
-                        pool_verify: bool = False, **kwargs):
+                        pool_verify: bool = False, pool_prefetch: bool = True, **kwargs):
         if pool_mmap:
-            return cls._from_pretrained_mmap(pretrained_model_name_or_path, model_args, pool_verify, kwargs)
+            return cls._from_pretrained_mmap(pretrained_model_name_or_path, model_args, pool_verify, pool_prefetch, kwargs)
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
@@ -690,7 +731,7 @@ class PoolStorageMixin:
         return result
 
     @classmethod
-    def _from_pretrained_mmap(cls, path, model_args: tuple, verify: bool, kwargs: dict):
+    def _from_pretrained_mmap(cls, path, model_args: tuple, verify: bool, prefetch: bool, kwargs: dict):
         """Controller from model.safetensors, tables memory-mapped: the pool is never allocated.
 
         Built on the meta device; controller tensors are assigned from the checkpoint and marked
@@ -726,7 +767,7 @@ class PoolStorageMixin:
         for key in state:
             tensors[key]._is_hf_initialized = True
         model.tie_weights()
-        if not model.load_pool(path, mmap=True, verify=verify, **hub):
+        if not model.load_pool(path, mmap=True, verify=verify, prefetch=prefetch, **hub):
             raise FileNotFoundError(f"{path}: no {INDEX_NAME}; pool_mmap=True needs the pool in its own files (re-save with save_pretrained).")
         missing = [k for k in result.missing_keys if not re.search(POOL_TABLE_KEY, k) and tensors[k].is_meta
                    and k not in getattr(model, "all_tied_weights_keys", {})]
@@ -746,10 +787,10 @@ class PoolStorageMixin:
             model.place_controller(_single_device(device_map))
         return model
 
-    def load_pool(self, path, mmap: bool = False, verify: bool = False, **hub_kwargs) -> bool:
+    def load_pool(self, path, mmap: bool = False, verify: bool = False, prefetch: bool = True, **hub_kwargs) -> bool:
         """Load the pool shards of checkpoint `path` into this model (see `load_pool_into`); False if
         it has none. Trainers resuming from a checkpoint call this after loading model.safetensors."""
-        return load_pool_into(self, path, mmap_pool=mmap, verify=verify, **hub_kwargs)
+        return load_pool_into(self, path, mmap_pool=mmap, verify=verify, prefetch=prefetch, **hub_kwargs)
 
     # ------------------------------------------------------------------ knowledge injection
     @torch.no_grad()

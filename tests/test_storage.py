@@ -115,6 +115,23 @@ def test_memory_map_pages_in_only_the_rows_read(tmp_path):
     assert grown_kb < 64 * 128, grown_kb  # ≤ 128 KiB per row read (MADV_RANDOM), not the 64 MiB file
 
 
+def test_prefetch_asks_for_exactly_the_pages_of_the_rows_about_to_be_read():
+    import mmap
+
+    from modeling_dpsnr.pool import Retrieval
+
+    table = torch.zeros(10_000, 64)  # 256-byte rows
+    prefetch = storage.Prefetcher([table])
+    calls = []
+    prefetch.madvise = lambda addr, length, advice: calls.append((addr, length, advice))
+    rows = [5, 6, 7, 9000, 9001, 9002, 3]
+    prefetch(None, None, Retrieval(torch.tensor([[rows[:3], rows[3:6]], [rows[3:6], [3, 4, 5]]]), torch.ones(2, 2, 3)))
+    page = mmap.PAGESIZE
+    wanted = {(table.data_ptr() + r * 256 + b) // page for r in rows + [4] for b in (0, 255)}
+    got = {p for addr, length, _ in calls for p in range(addr // page, (addr + length) // page)}
+    assert got == wanted and all(advice == mmap.MADV_WILLNEED for *_, advice in calls)
+
+
 def test_streaming_writer_asks_for_rows_in_bounded_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "CHUNK_BYTES", 4096)
     asked = []
