@@ -307,3 +307,18 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def prepare_eval(args: "EvalArguments", default_stride_fraction: float = 0.5):
+    """Load and check what every eval script needs: (model, tokenizer, ids, info, stride).
+
+    Stride defaults to `default_stride_fraction` × max_length; the context and the vocabulary are
+    checked against the model before any text is read.
+    """
+    stride = args.stride or max(1, int(args.max_length * default_stride_fraction))
+    model = load_model(args.model, args.device, args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, args.model)
+    check_context(model, args.max_length)
+    check_vocab(tokenizer, model)
+    ids, info = load_eval_ids(args, tokenizer)
+    return model, tokenizer, ids, info, stride

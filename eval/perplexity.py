@@ -177,16 +177,10 @@ class PerplexityArguments:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, check_context, check_vocab, json_line, load_eval_ids, load_model
-    from .common import load_tokenizer, parse_cli, write_json
+    from .common import EvalArguments, json_line, parse_cli, prepare_eval, write_json
 
     args, out_args = parse_cli((EvalArguments, PerplexityArguments), argv)
-    stride = args.stride or max(1, args.max_length // 2)
-    model = load_model(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.model)
-    check_context(model, args.max_length)
-    check_vocab(tokenizer, model)
-    ids, info = load_eval_ids(args, tokenizer)
+    model, tokenizer, ids, info, stride = prepare_eval(args)
 
     start = time.perf_counter()
     result = compute_perplexity(model, ids, args.max_length, stride, args.batch_size)

@@ -198,16 +198,11 @@ def write_pool_report(report: dict, usage: dict[str, dict[str, torch.Tensor]], o
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, check_context, check_vocab, json_line, load_eval_ids, load_model
-    from .common import ReportArguments, load_tokenizer, parse_cli
+    from .common import EvalArguments, ReportArguments, json_line, parse_cli, prepare_eval
 
     args, out = parse_cli((EvalArguments, ReportArguments), argv)
-    stride = args.stride or args.max_length
-    model = load_model(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.model)
-    check_context(model, args.max_length)
-    check_vocab(tokenizer, model)
-    ids, info = load_eval_ids(args, tokenizer)
+    # disjoint windows by default, so each token's reads are counted once
+    model, tokenizer, ids, info, stride = prepare_eval(args, default_stride_fraction=1.0)
     report, usage = evaluate_pool_usage(model, ids, args.max_length, stride, args.batch_size)
     report.update(model=args.model, context=args.max_length, stride=stride, **info)
     paths = write_pool_report(report, usage, out.output_dir, out.name or "pool_health")

@@ -267,16 +267,10 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, check_context, check_vocab, json_line, load_eval_ids, load_model
-    from .common import ReportArguments, load_tokenizer, parse_cli
+    from .common import EvalArguments, ReportArguments, json_line, parse_cli, prepare_eval
 
     args, out = parse_cli((EvalArguments, ReportArguments), argv)
-    stride = args.stride or max(1, args.max_length // 2)
-    model = load_model(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, args.model)
-    check_context(model, args.max_length)
-    check_vocab(tokenizer, model)
-    ids, info = load_eval_ids(args, tokenizer)
+    model, tokenizer, ids, info, stride = prepare_eval(args)
     report = reasoning_analytics(model, tokenizer, ids, args.max_length, stride, args.batch_size)
     report.update(model=args.model, context=args.max_length, stride=stride, **info)
     paths = write_analytics_report(report, out.output_dir, out.name or "reasoning_analytics")

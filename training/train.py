@@ -13,7 +13,6 @@ output is one JSON object with the figures.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -184,8 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> dict:
     """Generate a sample and print it with its per-token reasoning statistics."""
-    import torch
-
     model.eval()
     set_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
