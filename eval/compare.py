@@ -63,6 +63,8 @@ VARIANTS = {
     "pool-x16": ("dpsnr", dict(pool_size=16 * 65536)),
     "act-off": ("dpsnr", dict(loop_halting="none")),
     "balance-on": ("dpsnr", dict(pool_balance="bias")),
+    # the design's literal query, from the contextual state only (see pool_query_input in the config)
+    "query-state": ("dpsnr", dict(pool_query_input="state")),
 }
 
 
@@ -148,9 +150,9 @@ def _util(row: dict, key: str) -> str:
     return " / ".join("–" if v[key] is None else f"{v[key]:g}" for v in u.values())
 
 
-def write_outputs(report: dict, out_dir: Path) -> None:
+def write_outputs(report: dict, out_dir: Path, name: str = "compare") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = [f"Equal budget: {report['train_tokens']:,} training tokens per run; command: `{report['command']}`", ""]
     for ds, rows in report["results"].items():
         lines += [f"### {ds}", "", "| variant | held-out loss | perplexity | vs dense | tokens/s | mean steps | total params | active params | rows read % (k/r/g) | KL to uniform (k/r/g) |",
@@ -162,7 +164,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
                          f"{r['tokens_per_second']:.0f} | {r['mean_steps'] if r['mean_steps'] is not None else '–'} | "
                          f"{r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.2f}M | {_util(r, 'pct_rows_read')} | {_util(r, 'kl_uniform_counts')} |")
         lines.append("")
-    (out_dir / "compare.md").write_text("\n".join(lines))
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +180,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         ax.set_ylabel("LM loss")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "compare_curves.png", dpi=120)
+    fig.savefig(out_dir / f"{name}_curves.png", dpi=120)
 
 
 def main(argv=None) -> dict:
@@ -197,6 +199,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-eval-blocks", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default=str(RESULTS))
+    p.add_argument("--output-name", default="compare", help="stem of the JSON/markdown/PNG files written")
     args = p.parse_args(argv)
     per_dataset = {}
     for item in args.dataset_variants:
@@ -225,7 +228,7 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(json.dumps({"dataset": ds, **{k: v for k, v in row.items() if k != "curve"}}), flush=True)
                 report["results"][ds] = rows
-                write_outputs(report, Path(args.output_dir))
+                write_outputs(report, Path(args.output_dir), args.output_name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {}
@@ -234,7 +237,7 @@ def main(argv=None) -> dict:
         if "dpsnr-micro" in by and "dense-llama" in by:
             summary[ds] = round(100 * (1 - by["dpsnr-micro"]["heldout_perplexity"] / by["dense-llama"]["heldout_perplexity"]), 2)
     final = {"metric": "held-out perplexity reduction of dpsnr-micro vs dense-llama (%)", "by_dataset": summary,
-             "train_tokens": args.train_tokens, "results": str(Path(args.output_dir) / "compare.json")}
+             "train_tokens": args.train_tokens, "results": str(Path(args.output_dir) / f"{args.output_name}.json")}
     print(json.dumps(final))
     return final
 
