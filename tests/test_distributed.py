@@ -67,16 +67,18 @@ def _saved_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_data_parallel_training_equals_one_process_on_the_global_batch(tmp_path):
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+               HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     # Adam's first update is lr·g/(|g| + eps): an element whose contributions cancel to ~1e-9 takes
     # its sign from the summation order, which differs between one process and two. A larger eps
     # keeps such elements' updates proportional to g, so the comparison sees the reduction, not noise.
     common = ["--config", str(DEBUG_RECIPE), "--max_steps", str(STEPS), "--sample_max_new_tokens", "0",
               "--save_strategy", "no", "--disable_tqdm", "true", "--adam_epsilon", "1e-5"]
     one, two = tmp_path / "one-process", tmp_path / "two-processes"
-    subprocess.run([sys.executable, "-m", "training.train", *common, "--output_dir", str(one),
-                    "--per_device_train_batch_size", "8"], cwd=ROOT, env=env, check=True, capture_output=True)
+    single = subprocess.run([sys.executable, "-m", "training.train", *common, "--output_dir", str(one),
+                             "--per_device_train_batch_size", "8"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-4000:]
 
     script = tmp_path / "train_and_dump.py"
     script.write_text(TRAIN_AND_DUMP)
