@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_perplexity": metrics.get("eval_perplexity"),
         "heldout_avg_steps": metrics.get("eval_avg_steps"),
         "parameters": n_params,
+        "device": str(train_args.device),
+        "mixed_precision": trainer.accelerator.mixed_precision,  # from --bf16/--fp16 or the accelerate config
     }
     if run_args.sample_max_new_tokens > 0 and trainer.is_world_process_zero():
         summary.update(sample(model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens, train_args.seed))
