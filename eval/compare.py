@@ -13,8 +13,10 @@ mean reasoning steps on the held-out set, total and active parameters, and per p
 held-out pool utilisation (% rows read, KL of read counts to uniform) — the `balance-on` row
 against `dpsnr-micro` is the measured effect of pool balancing.
 
-    python -m eval.compare --datasets tinystories wikitext2 --train-tokens 400000
+    python -m eval.compare --jobs 2     # the full grid, both datasets side by side, ~1 h on 2 cores
 Writes eval/results/compare.json, compare.md and compare_curves.png; prints one JSON line last.
+`--jobs N` runs the datasets in N processes of one torch thread each and merges their results, so
+tokens/s are measured with the other process busy: compare them within a dataset's table only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,7 +92,7 @@ def run_variant(name, kind, overrides, data, tokenizer, args, workdir):
         output_dir=str(workdir / name), max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=32, learning_rate=args.lr, weight_decay=0.1, warmup_steps=max(1, steps // 20),
         lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=args.seed,
+        eval_strategy="no", report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, seed=args.seed,
     )
     if kind == "dense":
         model = LlamaForCausalLM(dense_twin(cfg))
@@ -118,7 +121,7 @@ def run_variant(name, kind, overrides, data, tokenizer, args, workdir):
     curve = [(h["step"], h.get("lm_loss", h["loss"])) for h in trainer.state.log_history if "loss" in h]
     return {
         "variant": name, "kind": kind, "overrides": overrides, "train_steps": steps,
-        "train_tokens": steps * tokens_per_step, "train_seconds": round(seconds, 1),
+        "train_tokens": steps * tokens_per_step, "epochs": round(trainer.state.epoch, 3), "train_seconds": round(seconds, 1),
         "tokens_per_second": round(steps * tokens_per_step / seconds, 1),
         "heldout_loss": round(heldout, 4), "heldout_perplexity": round(math.exp(heldout), 3),
         "mean_steps": None if mean_steps is None else round(mean_steps, 3),
@@ -132,7 +135,7 @@ def heldout_loss(model, dataset, batch_size: int = 32) -> tuple[float, float | N
     model.eval()
     nll, count, steps = 0.0, 0, 0.0
     for i in range(0, len(dataset), batch_size):
-        ids = torch.tensor(dataset[i:i + batch_size]["input_ids"])
+        ids = torch.tensor(dataset[i:i + batch_size]["input_ids"], device=model.device)
         out = model(ids)
         logp = out.logits[:, :-1].float().log_softmax(-1)
         nll += -logp.gather(-1, ids[:, 1:, None]).sum().item()
@@ -190,9 +193,12 @@ def main(argv=None) -> dict:
     p.add_argument("--dataset-variants", nargs="*", default=[], metavar="DATASET=V1,V2",
                    help="restrict the variants run on one dataset, e.g. wikitext2=dpsnr-micro,dense-llama")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--train-tokens", type=int, default=400_000, help="training tokens per run (the equal budget)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where every run trains (float32 throughout)")
+    p.add_argument("--jobs", type=int, default=1, help="datasets run in this many processes (one torch thread each)")
+    p.add_argument("--train-tokens", type=int, default=122_880, help="training tokens per run (the equal budget)")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--pool-lr", type=float, default=1e-2)
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE learned on each dataset's train file (micro's vocabulary)")
@@ -207,13 +213,24 @@ def main(argv=None) -> dict:
         if ds not in DATASETS or not names or any(n not in VARIANTS for n in names.split(",")):
             p.error(f"--dataset-variants {item!r}: expected DATASET=V1,V2 with known names")
         per_dataset[ds] = names.split(",")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    report = {"command": "python -m eval.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+    argv = list(argv if argv is not None else sys.argv[1:])
+    report = {"command": "python -m eval.compare " + " ".join(argv),
               "train_tokens": args.train_tokens, "tokens_per_step": args.batch_size * args.block_size,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
               "settings": vars(args), "results": {}}
+    started = time.time()
+    if args.jobs > 1 and len(args.datasets) > 1:
+        report["results"] = run_datasets_in_parallel(argv, args)
+        report["wall_seconds"] = round(time.time() - started)
+        write_outputs(report, Path(args.output_dir), args.output_name)
+        return summarise(report, args)
     workdir = Path(tempfile.mkdtemp(prefix="dpsnr-compare-"))
     try:
         for ds in args.datasets:
@@ -228,9 +245,48 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(json.dumps({"dataset": ds, **{k: v for k, v in row.items() if k != "curve"}}), flush=True)
                 report["results"][ds] = rows
+                report["wall_seconds"] = round(time.time() - started)
                 write_outputs(report, Path(args.output_dir), args.output_name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return summarise(report, args)
+
+
+def _drop_options(argv: list[str], names: set[str]) -> list[str]:
+    """argv without the named options and their values (values are the tokens up to the next option)."""
+    out, skipping = [], False
+    for tok in argv:
+        if tok.startswith("--"):
+            skipping = tok.split("=", 1)[0] in names
+        if not skipping:
+            out.append(tok)
+    return out
+
+
+def run_datasets_in_parallel(argv: list[str], args) -> dict:
+    """One child process per dataset (at most `args.jobs` at a time), one torch thread each; merged results."""
+    base = _drop_options(argv, {"--jobs", "--datasets", "--threads", "--output-dir", "--output-name"})
+    parts = Path(tempfile.mkdtemp(prefix="dpsnr-compare-parts-"))
+    results, pending, running = {}, list(args.datasets), []
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                ds = pending.pop(0)
+                cmd = [sys.executable, "-m", "eval.compare", *base, "--datasets", ds, "--threads", str(args.threads or 1),
+                       "--output-dir", str(parts), "--output-name", ds]
+                running.append((ds, subprocess.Popen(cmd)))
+            ds, proc = running.pop(0)
+            if proc.wait() != 0:
+                for _, other in running:
+                    other.kill()
+                raise SystemExit(f"eval.compare: the {ds} run failed (exit {proc.returncode}); its log is above")
+            results[ds] = json.loads((parts / f"{ds}.json").read_text())["results"][ds]
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return {ds: results[ds] for ds in args.datasets}
+
+
+def summarise(report: dict, args) -> dict:
     summary = {}
     for ds, rows in report["results"].items():
         by = {r["variant"]: r for r in rows}

@@ -330,3 +330,31 @@ def test_perplexity_cli_on_a_transformers_baseline_with_a_config_file(tmp_path, 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(record["ppl"])
     with pytest.raises(ValueError, match="DPSN-R"):
         analytics_main(["--config", str(recipe), "--output-dir", str(tmp_path / "res")])
+
+
+# ---------------------------------------------------------------------------- comparison plumbing
+def test_parallel_compare_children_get_the_shared_options_but_not_the_per_process_ones():
+    from eval.compare import _drop_options
+
+    argv = ["--jobs", "2", "--datasets", "tinystories", "wikitext2", "--train-tokens", "2048",
+            "--variants", "dpsnr-micro", "dense-llama", "--threads=3", "--output-name", "x"]
+    kept = _drop_options(argv, {"--jobs", "--datasets", "--threads", "--output-dir", "--output-name"})
+    assert kept == ["--train-tokens", "2048", "--variants", "dpsnr-micro", "dense-llama"]
+
+
+def test_seed_spread_section_by_hand(tmp_path):
+    from eval.make_results_page import section_seed_spread
+
+    def run(seed, micro, dense):
+        rows = [{"variant": "dpsnr-micro", "heldout_perplexity": micro}, {"variant": "dense-llama", "heldout_perplexity": dense}]
+        return {"command": "python -m eval.compare", "machine": "m", "train_tokens": 1024,
+                "settings": {"seed": seed}, "results": {"tinystories": rows}}
+
+    for seed, micro, dense in [(1, 50.0, 100.0), (2, 60.0, 100.0), (3, 70.0, 200.0)]:
+        (tmp_path / f"compare_gpu_seed{seed}.json").write_text(json.dumps(run(seed, micro, dense)))
+    lines = section_seed_spread(tmp_path, "compare_gpu_seed*.json")
+    micro_row = next(line for line in lines if line.startswith("| dpsnr-micro"))
+    # mean 60, sample sd 10, reductions 50 %, 40 %, 65 %
+    assert micro_row == "| dpsnr-micro | 3 | 60 | 10 | 50 | 70 | 40.0 … 65.0 |"
+    assert "--seed` 1, 2, 3" in "\n".join(lines)
+    assert section_seed_spread(tmp_path / "none")[-2].startswith("_Not run yet")
