@@ -5,7 +5,7 @@ For each pool size the script streams a random fp16 pool into one safetensors fi
 (training/pool_tool.py: chunks of 64 MB, never the whole pool in RAM), puts two controllers beside
 it (product-key and coordinate retrieval, each head reading 8 rows), and measures each with the
 pool opened read-only by `from_pretrained(path, pool_mmap=True)` (row prefetch on, its default:
-storage.Prefetcher). The reference is the same
+pool_files.Prefetcher). The reference is the same
 controller with a 2^16-entry pool loaded into RAM (`from_pretrained(path)`, fp32), measured just
 before each mapped configuration (paired: the machine is shared, its load drifts).
 

@@ -70,7 +70,7 @@ MEASURED: dict[str, tuple[int, int]] = {
     "1.5b-100b": (101_589_309_489, 1_494_771_761),  # 101.59B total (100.0B pool, 50.7M indexer), 1.49B active
 }
 
-# Pool on disk (storage.py): bytes in fp16 = bf16 (2 per parameter; fp32 doubles them), the shard
+# Pool on disk (pool_files.py): bytes in fp16 = bf16 (2 per parameter; fp32 doubles them), the shard
 # count `save_pretrained` writes at its default pool_max_shard_size="5GB" (tables above 5 GB are
 # cut by rows), and the machine each preset needs. Inference can keep the pool memory-mapped
 # (`from_pretrained(path, pool_mmap=True)`): RAM then holds the controller plus the pages read,

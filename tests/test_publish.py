@@ -27,7 +27,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from modeling_dpsnr import DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, count_parameters
-from modeling_dpsnr.storage import PoolStorageError
+from modeling_dpsnr.pool_files import PoolStorageError
 from training import generate, publish
 from training.model_card import check_card
 from training.tokenizer import load_gpt2_tokenizer
@@ -105,7 +105,7 @@ def test_folder_holds_the_model_its_code_sharded_pool_tokenizer_and_card_and_no_
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_dpsnr.DPSNRConfig",
                                   "AutoModelForCausalLM": "modeling_dpsnr.DPSNRForCausalLM"}
-    for name in ("configuration_dpsnr.py", "modeling_dpsnr.py", "pool.py", "reasoning.py", "storage.py",
+    for name in ("configuration_dpsnr.py", "modeling_dpsnr.py", "pool.py", "reasoning.py", "storage.py", "pool_files.py",
                  "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "train_summary.json", "README.md", "eval/ppl.json"):
         assert name in files, name

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr import storage
+from modeling_dpsnr import pool_files
 from modeling_dpsnr.presets import POOL_STORAGE, PRESETS
-from modeling_dpsnr.storage import INDEX_NAME, PoolReadOnlyError, PoolStorageError
+from modeling_dpsnr.pool_files import INDEX_NAME, PoolReadOnlyError, PoolStorageError
 
 from conftest import tiny_model
 
@@ -23,7 +23,7 @@ V = 97
 COORD = dict(pool_retrieval="coordinate", indexer_window=4, pool_size=400)
 
 
-def _saved(tmp_path, name="ckpt", seed=0, shard=storage.DEFAULT_MAX_SHARD_SIZE, **overrides):
+def _saved(tmp_path, name="ckpt", seed=0, shard=pool_files.DEFAULT_MAX_SHARD_SIZE, **overrides):
     model = tiny_model(seed, **overrides).eval()
     with torch.no_grad():
         for t in model.pool.entry_parameters():
@@ -46,7 +46,7 @@ def test_pool_lives_in_its_own_shards_beside_the_controller(tmp_path):
     index = _index(path)
     assert set(index["tables"]) == {f"{p}.{k}" for p in ("knowledge", "reasoning", "grammar") for k in "uv"}
     for name, info in index["files"].items():  # checksums and sizes recorded at save
-        assert info["sha256"] == storage.sha256_file(path / name) and info["bytes"] == (path / name).stat().st_size
+        assert info["sha256"] == pool_files.sha256_file(path / name) and info["bytes"] == (path / name).stat().st_size
     with safe_open(path / "pool.safetensors", "pt") as f:  # plain safetensors, readable by the library
         torch.testing.assert_close(f.get_tensor("knowledge.v"), model.pool["knowledge"].v.detach())
 
@@ -97,7 +97,7 @@ def test_memory_map_pages_in_only_the_rows_read(tmp_path):
         pytest.skip("needs /proc to read resident memory")
     rows, d = 1 << 18, 64  # 64 MiB in float32
     shapes = {"p.v": (rows, d)}
-    storage.write_pool_files(tmp_path, shapes, torch.float32,
+    pool_files.write_pool_files(tmp_path, shapes, torch.float32,
                              lambda name, a, b: torch.arange(a, b, dtype=torch.float32)[:, None].expand(b - a, d), 1 << 30)
     fd = os.open(tmp_path / "pool.safetensors", os.O_RDONLY)
     os.fsync(fd)  # the writer syncs and drops the cache too; start cold whatever it does
@@ -107,7 +107,7 @@ def test_memory_map_pages_in_only_the_rows_read(tmp_path):
     def rss_file_kb():
         return next(int(line.split()[1]) for line in open(status) if line.startswith("RssFile"))
 
-    table = storage.map_tables(storage.check_pool(tmp_path / INDEX_NAME, {"pool.safetensors": tmp_path / "pool.safetensors"}, shapes))["p.v"]
+    table = pool_files.map_tables(pool_files.check_pool(tmp_path / INDEX_NAME, {"pool.safetensors": tmp_path / "pool.safetensors"}, shapes))["p.v"]
     before = rss_file_kb()
     picks = torch.randint(0, rows, (64,))
     assert torch.equal(table[picks, 0], picks.float())  # the right rows
@@ -121,7 +121,7 @@ def test_prefetch_asks_for_exactly_the_pages_of_the_rows_about_to_be_read():
     from modeling_dpsnr.pool import Retrieval
 
     table = torch.zeros(10_000, 64)  # 256-byte rows
-    prefetch = storage.Prefetcher([table])
+    prefetch = pool_files.Prefetcher([table])
     calls = []
     prefetch.madvise = lambda addr, length, advice: calls.append((addr, length, advice))
     rows = [5, 6, 7, 9000, 9001, 9002, 3]
@@ -133,14 +133,14 @@ def test_prefetch_asks_for_exactly_the_pages_of_the_rows_about_to_be_read():
 
 
 def test_streaming_writer_asks_for_rows_in_bounded_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pool_files, "CHUNK_BYTES", 4096)
     asked = []
 
     def rows(name, a, b):
         asked.append(b - a)
         return torch.zeros(b - a, 16)
 
-    storage.write_pool_files(tmp_path, {"a.v": (1000, 16), "b.v": (37, 16)}, torch.float16, rows, 1 << 20)
+    pool_files.write_pool_files(tmp_path, {"a.v": (1000, 16), "b.v": (37, 16)}, torch.float16, rows, 1 << 20)
     assert max(asked) * 16 * 2 <= 4096 and sum(asked) == 1037
 
 
@@ -355,6 +355,6 @@ def storage_stripes(part):
 def test_preset_storage_figures_match_the_config(name):
     cfg = DPSNRConfig.from_preset(name)
     doc = POOL_STORAGE[name]
-    assert doc["pool_bytes_16bit"] == storage.pool_bytes(cfg, torch.bfloat16) == storage.pool_bytes(cfg, torch.float16)
-    shards = storage.plan_shards(storage.pool_table_shapes(cfg), 2, storage.parse_size(storage.DEFAULT_MAX_SHARD_SIZE))
+    assert doc["pool_bytes_16bit"] == pool_files.pool_bytes(cfg, torch.bfloat16) == pool_files.pool_bytes(cfg, torch.float16)
+    shards = pool_files.plan_shards(pool_files.pool_table_shapes(cfg), 2, pool_files.parse_size(pool_files.DEFAULT_MAX_SHARD_SIZE))
     assert doc["shards"] == len(shards) and doc["machine"]

@@ -9,7 +9,7 @@ Where each part of a card comes from, so that no figure is ever typed by hand:
 | total / active parameters          | the published config built on the meta device and counted; a   |
 |                                    | config equal to its preset must match `presets.MEASURED`        |
 | pool bytes, shards, checksums      | the pool index the model's own `save_pretrained` wrote          |
-|                                    | (`modeling_dpsnr/storage.py`), or storage's shard plan          |
+|                                    | (`modeling_dpsnr/pool_files.py`), or its shard plan            |
 | training figures                   | the checkpoint's `train_summary.json` (training/train.py)       |
 | evaluation (table + `model-index`) | JSON records of `python -m eval.perplexity --output FILE`       |
 
@@ -31,7 +31,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS, count_parameters
-from modeling_dpsnr.storage import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
+from modeling_dpsnr.pool_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = CARDS_DIR / "dpsnr.md.j2"

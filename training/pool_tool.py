@@ -32,10 +32,11 @@ import torch
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.pool import stripe_bounds
-from modeling_dpsnr.storage import (
-    DEFAULT_MAX_SHARD_SIZE, check_pool, map_tables, materialize_meta, parse_size, pool_bytes, pool_table_shapes,
-    resolve_pool, write_pool_files,
+from modeling_dpsnr.pool_files import (
+    DEFAULT_MAX_SHARD_SIZE, check_pool, map_tables, parse_size, pool_bytes, pool_table_shapes, resolve_pool,
+    write_pool_files,
 )
+from modeling_dpsnr.storage import materialize_meta
 
 
 def load_config(spec: str, overrides: dict | None = None) -> DPSNRConfig:

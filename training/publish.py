@@ -10,7 +10,7 @@ The folder holds what `from_pretrained(repo_id, trust_remote_code=True)` needs a
     config.json (with auto_map), generation_config.json, *.py       the model code, flat (remote code)
     model.safetensors                                               the controller
     pool.safetensors | pool-0000k-of-0000n.safetensors              the pool, with sha256 in
-    pool.safetensors.index.json                                     the index (storage.py)
+    pool.safetensors.index.json                                     the index (pool_files.py)
     tokenizer.json, tokenizer_config.json                           the tokenizer
     train_summary.json, eval/*.json                                 the records the card quotes
     README.md                                                       the card, written last
@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Shard names of modeling_dpsnr/storage.py (`shard_names`): pool.safetensors or pool-0000k-of-0000n.safetensors.
+# Shard names of modeling_dpsnr/pool_files.py (`shard_names`): pool.safetensors or pool-0000k-of-0000n.safetensors.
 SHARD_NAME = re.compile(r"pool(-\d{5}-of-\d{5})?\.safetensors")
 POOL_INDEX = "pool.safetensors.index.json"
 CARD = "README.md"
@@ -71,8 +71,8 @@ class PublishArguments:
 
 # ---------------------------------------------------------------------------- the folder
 def parse_bytes(size: int | str, name: str) -> int:
-    """A size flag: bytes ("300000") or with a unit ("5GB", "512MiB"), as storage.py reads them."""
-    from modeling_dpsnr.storage import parse_size
+    """A size flag: bytes ("300000") or with a unit ("5GB", "512MiB"), as pool_files.py reads them."""
+    from modeling_dpsnr.pool_files import parse_size
 
     value = int(size) if isinstance(size, str) and size.strip().isdigit() else size
     try:
