@@ -68,7 +68,12 @@ VARIANTS = {
     "balance-on": ("dpsnr", dict(pool_balance="bias")),
     # the design's literal query, from the contextual state only (see pool_query_input in the config)
     "query-state": ("dpsnr", dict(pool_query_input="state")),
+    # a heavier ponder cost (micro: 0.01): does halting become selective, and at what cost in loss?
+    "ponder-x3": ("dpsnr", dict(loop_ponder_weight=0.03)),
+    "ponder-x10": ("dpsnr", dict(loop_ponder_weight=0.1)),
+    "ponder-x30": ("dpsnr", dict(loop_ponder_weight=0.3)),
 }
+GRID = [name for name in VARIANTS if not name.startswith("ponder-")]  # the default run: the grid
 
 
 def dense_twin(cfg: DPSNRConfig) -> LlamaConfig:
@@ -189,7 +194,8 @@ def write_outputs(report: dict, out_dir: Path, name: str = "compare") -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=GRID, choices=list(VARIANTS),
+                   help="default: every variant except the ponder-weight sweep")
     p.add_argument("--dataset-variants", nargs="*", default=[], metavar="DATASET=V1,V2",
                    help="restrict the variants run on one dataset, e.g. wikitext2=dpsnr-micro,dense-llama")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -99,6 +99,48 @@ def section_seed_spread(results: Path, pattern: str = "gpu/compare_gpu_seed*.jso
     return lines
 
 
+def section_ponder_sweep(results: Path) -> list[str]:
+    """Halting vs ponder cost: the sweep's rows beside the grid's own `micro` (0.01) and ACT-off rows."""
+    sweep, grid = _load(results / "compare_ponder.json"), _load(results / "compare.json")
+    lines = ["## Ponder cost: when does halting become selective?", ""]
+    if sweep is None or grid is None:
+        return lines + ["_Not run yet: `python -m eval.compare --jobs 2 --variants ponder-x3 ponder-x10 ponder-x30 "
+                        "--output-name compare_ponder` (and the grid)._", ""]
+    lines += [f"Command: `{sweep['command']}`, beside the grid's `dpsnr-micro` (ponder weight 0.01), `act-off` and fixed-step rows "
+              "(same budget, data, seed): halting that spends fewer steps should beat a fixed loop of as many steps. The ponder term starts after the first 25 % of steps (`ponder_warmup_ratio`). "
+              "Tokens/s come from two separate runs on a shared machine: compare them within one run only.", ""]
+    for ds, rows in sweep["results"].items():
+        base = [r for r in grid["results"].get(ds, []) if r["variant"] in ("dpsnr-micro", "act-off", "steps-1", "steps-2", "dense-llama")]
+        table = []
+        for r in base + rows:
+            weight = r["overrides"].get("loop_ponder_weight", 0.01 if r["kind"] == "dpsnr" else None)
+            fixed = r["variant"] == "act-off" or r["variant"].startswith("steps-")
+            table.append({**r, "ponder_weight": None if fixed else weight})
+        lines += [f"### {ds}", ""] + _table(table, [
+            ("variant", "variant"), ("ponder weight", "ponder_weight"), ("mean steps (held-out)", "mean_steps"),
+            ("held-out loss", "heldout_loss"), ("perplexity", "heldout_perplexity"), ("train tokens/s", "tokens_per_second")]) + [""]
+    return lines
+
+
+def section_perplexity(results: Path) -> list[str]:
+    """The sliding-window perplexity records (`python -m eval.perplexity --output FILE`)."""
+    records = [json.loads(f.read_text()) for f in sorted(results.glob("perplexity_*.json"))]
+    lines = ["## Sliding-window perplexity of the main job's model", ""]
+    if not records:
+        return lines + ["_Not run yet (no `perplexity_*.json` in eval/results)._", ""]
+    rows = []
+    for r in records:
+        rows.append({**r, "window": f"{r['context']} / {r['stride']}", "command": f"`python -m eval.perplexity --model {r['model']} --dataset {r['dataset']} --split {r['split']} "
+                                     f"--max-length {r['context']} --stride {r['stride']} --batch-size {r['batch_size']}`"})
+    lines += ["Perplexity from the token cross-entropy over strided windows: each token is scored once, with at "
+              "least `context - stride` tokens of left context except at the start; bits per byte over the UTF-8 text. "
+              "The model was trained on TinyStories only: the WikiText rows measure the tool, not a claim.", ""]
+    lines += _table(rows, [("dataset", "dataset"), ("split", "split"), ("tokens scored", "tokens_scored"),
+                           ("perplexity", "ppl"), ("bits/byte", "bits_per_byte"), ("context / stride", "window"),
+                           ("command", "command")]) + [""]
+    return lines
+
+
 def section_json(title: str, path: Path, page: Path, pngs: list[Path]) -> list[str]:
     data = _load(path)
     lines = [f"## {title}", ""]
@@ -119,7 +161,9 @@ def build(results: Path, page: Path) -> str:
     lines += section_compare(results, page)
     lines += section_seed_spread(results)
     lines += section_compare(results, page, "gpu/compare_gpu_10x", "Ten times the budget (GPU)")
+    lines += section_ponder_sweep(results)
     lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
+    lines += section_perplexity(results)
     lines += section_json("Pool optimizer step time", results / "bench_optimizer.json", page, [results / "bench_optimizer.png"])
     lines += section_json("Pool scale: memory-mapped pools", results / "bench_pool_scale.json", page, [results / "bench_pool_scale.png"])
     lines += section_json("Reasoning analytics", results / "reasoning_analytics.json", page, [results / "reasoning_analytics.png"])

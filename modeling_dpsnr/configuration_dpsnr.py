@@ -119,6 +119,9 @@ class DPSNRConfig(PreTrainedConfig):
         loop_halt_epsilon (`float`, 0.01): a token halts once its cumulative halting
             probability reaches `1 - loop_halt_epsilon`.
         loop_ponder_weight (`float`, 0.01): weight of the ponder cost `N + R` added to the loss.
+            Measured on micro at 122,880 tokens (eval/results/compare_ponder.json): 0.01-0.1 leave
+            every token at the maximum; 0.3 halts selectively, at a perplexity above a fixed loop
+            of as many steps.
         loop_halt_bias_init (`float`, -2.2): initial halting bias; σ(-2.2) ≈ 0.1 so that an
             untrained model runs most steps and every partition receives gradient.
         loop_mode (`str`, "auto"): "eager" computes only still-running tokens at each step;
