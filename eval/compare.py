@@ -13,7 +13,7 @@ mean reasoning steps on the held-out set, total and active parameters, and per p
 held-out pool utilisation (% rows read, KL of read counts to uniform) — the `balance-on` row
 against `dpsnr-micro` is the measured effect of pool balancing.
 
-    python -m eval.compare --jobs 2     # the full grid, both datasets side by side, ~1 h on 2 cores
+    python -m eval.compare --jobs 2     # the full grid, both datasets side by side: 31 min on 2 cores
 Writes eval/results/compare.json, compare.md and compare_curves.png; prints one JSON line last.
 `--jobs N` runs the datasets in N processes of one torch thread each and merges their results, so
 tokens/s are measured with the other process busy: compare them within a dataset's table only.
