@@ -162,6 +162,8 @@ def build(results: Path, page: Path) -> str:
     lines += section_seed_spread(results)
     lines += section_compare(results, page, "gpu/compare_gpu_10x", "Ten times the budget (GPU)")
     lines += section_ponder_sweep(results)
+    lines += section_compare(results, page, "gpu/compare_gpu_10x_ponder",
+                             "Ten times the budget: ponder weight 0.3 vs a fixed 2-step loop (GPU; compare with the 10x table above)")
     lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
     lines += section_perplexity(results)
     lines += section_json("Pool optimizer step time", results / "bench_optimizer.json", page, [results / "bench_optimizer.png"])
