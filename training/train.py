@@ -159,13 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
 
+    train_tokens = (trainer.state.global_step * train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+                    * max(train_args.world_size, 1) * len(datasets["train"][0]["input_ids"]))
     summary = {
         "model_dir": os.path.abspath(train_args.output_dir),
         "preset": model_args.preset,
         "steps": trainer.state.global_step,
-        "train_tokens": trainer.state.global_step * train_args.per_device_train_batch_size
-        * train_args.gradient_accumulation_steps * max(train_args.world_size, 1) * len(datasets["train"][0]["input_ids"]),
+        "train_tokens": train_tokens,
         "train_seconds": round(train_seconds, 1),
+        "train_tokens_per_second": round(train_tokens / max(train_seconds, 1e-9)),
         "train_loss": round(train_result.training_loss, 4),
         "heldout_loss": metrics.get("eval_lm_loss"),
         "heldout_perplexity": metrics.get("eval_perplexity"),

@@ -13,27 +13,17 @@ import pytest
 import torch
 from datasets import Dataset
 
-from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
+from conftest import TINY, tiny_model  # tests/conftest.py (this folder's own conftest is gpu.conftest)
+from modeling_dpsnr import DPSNRForCausalLM
 from training.pool_optim import SparseRowAdam
 from training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
 
 CUDA = torch.device("cuda")
-SMALL = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_prelude_layers=1,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    pool_size=300, pool_heads=2, pool_topk=3, pool_key_dim=16, loop_max_steps=4,
-)
 COORD = dict(pool_retrieval="coordinate", indexer_window=4, pool_size=400)
 RETRIEVALS = {"product_key": {}, "coordinate": COORD}
 
-
-def _model(seed: int = 0, **overrides) -> DPSNRForCausalLM:
-    torch.manual_seed(seed)
-    return DPSNRForCausalLM(DPSNRConfig(**{**SMALL, **overrides}))
-
-
 def _ids(b: int = 3, t: int = 24, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, SMALL["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 def _dense_grad(p: torch.Tensor) -> torch.Tensor:
@@ -44,7 +34,7 @@ def _dense_grad(p: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("retrieval", list(RETRIEVALS))
 @pytest.mark.parametrize("loop_mode", ["eager", "static"])
 def test_forward_and_gradients_match_the_cpu(retrieval, loop_mode, record):
-    cpu = _model(loop_mode=loop_mode, pool_sparse_grads=True, **RETRIEVALS[retrieval]).train()
+    cpu = tiny_model(loop_mode=loop_mode, pool_sparse_grads=True, **RETRIEVALS[retrieval]).train()
     gpu = copy.deepcopy(cpu).to(CUDA)
     ids = _ids()
     ref = cpu(ids, labels=ids)
@@ -96,7 +86,7 @@ def test_sparse_row_adam_on_cuda_matches_the_cpu(record):
 
 @pytest.mark.parametrize("retrieval", list(RETRIEVALS))
 def test_cached_greedy_generation_on_cuda_equals_the_cpu(retrieval, record):
-    cpu = _model(**RETRIEVALS[retrieval]).eval()
+    cpu = tiny_model(**RETRIEVALS[retrieval]).eval()
     gpu = copy.deepcopy(cpu).to(CUDA)
     prompt = _ids(2, 6, seed=1)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -112,7 +102,7 @@ def test_cached_greedy_generation_on_cuda_equals_the_cpu(retrieval, record):
 
 
 def test_bf16_autocast_training_steps_learn(record):
-    model = _model().to(CUDA).train()
+    model = tiny_model().to(CUDA).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = _ids(8, 32).to(CUDA)
     losses = []
@@ -129,7 +119,7 @@ def test_bf16_autocast_training_steps_learn(record):
 
 
 def test_memory_mapped_pool_with_the_controller_on_cuda(tmp_path, record):
-    model = _model(**COORD).eval()
+    model = tiny_model(**COORD).eval()
     model.save_pretrained(tmp_path / "ckpt")
     placed = DPSNRForCausalLM.from_pretrained(tmp_path / "ckpt", pool_mmap=True, device_map="cuda:0")
     tables = {id(t) for t in placed.pool.entry_parameters()}
@@ -150,7 +140,7 @@ def test_memory_mapped_pool_with_the_controller_on_cuda(tmp_path, record):
 def test_dpsnr_trainer_trains_on_cuda_with_sparse_pool_updates(tmp_path, bf16, record):
     ids = _ids(16, 32)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    model = _model()
+    model = tiny_model()
     tables = {id(t) for t in model.pool.entry_parameters()}
     pool_before = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in tables}
     args = DPSNRTrainingArguments(
@@ -173,14 +163,14 @@ def test_dpsnr_trainer_trains_on_cuda_with_sparse_pool_updates(tmp_path, bf16, r
     assert changed == len(pool_before) > 0
 
     # resume from the step-20 checkpoint on the GPU: reaches the same step with finite losses
-    resumed = DPSNRTrainer(model=_model(), args=args, train_dataset=data)
+    resumed = DPSNRTrainer(model=tiny_model(), args=args, train_dataset=data)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
     assert resumed.state.global_step == 40
     assert next(resumed.model.parameters()).device.type == "cuda"
 
 
 def test_compiled_static_loop_matches_eager_on_cuda(record):
-    model = _model(loop_mode="static").to(CUDA).eval()
+    model = tiny_model(loop_mode="static").to(CUDA).eval()
     ids = _ids(2, 16).to(CUDA)
     with torch.no_grad():
         ref = model(ids).logits
