@@ -13,6 +13,8 @@ import math
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .execution import LEGACY_CONFIG_KEYS
+
 
 logger = logging.get_logger(__name__)
 
@@ -23,7 +25,6 @@ POOL_BALANCES = ("none", "bias")
 POOL_QUERY_INPUTS = ("state+token", "state")
 INDEXER_BALANCES = ("none", "quantile")
 LOOP_HALTINGS = ("act", "none")
-LOOP_MODES = ("auto", "eager", "static")
 
 # Default partitions and the share of the reasoning steps each one gets when the schedule is
 # derived (design §2: for 8 steps, knowledge x2, reasoning x4, grammar x2).
@@ -62,7 +63,7 @@ class DPSNRConfig(PreTrainedConfig):
             `num_hidden_layers - num_prelude_layers` blocks (the coda) follow it, so coda attention
             mixes retrieved knowledge across positions. 0 is allowed (loop on the embeddings).
         num_attention_heads (`int`, 8), num_key_value_heads (`int`, None → same; GQA if fewer).
-        head_dim (`int`, None → hidden_size // num_attention_heads).
+        head_dim (`int`, None → hidden_size // num_attention_heads, written back at build time).
         hidden_act (`str`, "silu"): activation of the SwiGLU gate.
         max_position_embeddings (`int`, 2048): longest context the RoPE tables are built for.
         rope_theta (`float`, 10000.0): RoPE base.
@@ -98,9 +99,6 @@ class DPSNRConfig(PreTrainedConfig):
         pool_query_norm (`str`, "rms"): normalisation of each head's query before scoring
             ("rms" or "layer"; BatchNorm is deliberately not offered: it leaks across positions).
         pool_init_std (`float`, None → initializer_range): std of the entry tables at init.
-        pool_sparse_grads (`bool`, False): produce sparse (COO) gradients for the entry tables.
-            Dense by default so any optimizer and a plain `Trainer` work; the project's trainer
-            turns it on and updates the pool with a row-wise lazy optimizer.
         pool_balance (`str`, "none"): "bias" adds a per-sub-key selection bias that is nudged
             towards uniform usage during training without an auxiliary loss (the loss-free
             balancing of DeepSeek-V3, applied to product sub-keys); the bias only affects which
@@ -124,9 +122,6 @@ class DPSNRConfig(PreTrainedConfig):
             of as many steps.
         loop_halt_bias_init (`float`, -2.2): initial halting bias; σ(-2.2) ≈ 0.1 so that an
             untrained model runs most steps and every partition receives gradient.
-        loop_mode (`str`, "auto"): "eager" computes only still-running tokens at each step;
-            "static" runs every token through every step with masks (XLA, torch.compile);
-            "auto" picks static on XLA devices and while compiling, eager otherwise.
 
     Coordinate indexer (used when `pool_retrieval="coordinate"`):
         indexer_hidden_size (`int`, 256): hidden width of the indexer MLP.
@@ -176,7 +171,6 @@ class DPSNRConfig(PreTrainedConfig):
     pool_query_input: str = "state+token"
     pool_query_norm: str = "rms"
     pool_init_std: float | None = None
-    pool_sparse_grads: bool = False
     pool_balance: str = "none"
     pool_balance_rate: float = 1e-3
     pool_selection_noise: float = 0.0
@@ -188,7 +182,6 @@ class DPSNRConfig(PreTrainedConfig):
     loop_halt_epsilon: float = 0.01
     loop_ponder_weight: float = 0.01
     loop_halt_bias_init: float = -2.2
-    loop_mode: str = "auto"
     # coordinate indexer
     indexer_hidden_size: int = 256
     indexer_window: int = 16
@@ -198,12 +191,21 @@ class DPSNRConfig(PreTrainedConfig):
     indexer_balance_momentum: float = 0.01
 
     def __post_init__(self, **kwargs):
+        for key in LEGACY_CONFIG_KEYS:  # runtime settings that configs saved before ExecutionPlan carried
+            if key in kwargs:
+                logger.warning_once(
+                    f"DPSNRConfig: `{key}` is a runtime setting, not architecture, and is ignored here; "
+                    f"use `model.set_execution({key}=...)`."
+                )
+                kwargs.pop(key)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.pool_partitions = dict(DEFAULT_PARTITIONS if self.pool_partitions is None else self.pool_partitions)
         if self.loop_phase_schedule is not None:
             self.loop_phase_schedule = list(self.loop_phase_schedule)
         self._check_controller()
+        if self.head_dim is None:  # explicit, as transformers' RoPE initialisers (yarn, dynamic, ...) read it
+            self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_pool()
         if self.loop_phase_schedule is None and _is_int(self.loop_max_steps) and self.loop_max_steps > 0:
             self.loop_phase_schedule = derive_phase_schedule(list(self.pool_partitions), self.loop_max_steps)
@@ -294,8 +296,6 @@ class DPSNRConfig(PreTrainedConfig):
             raise ValueError(f"pool_key_dim ({self.pool_key_dim}) must be even: product keys split it in two halves.")
         if self.pool_init_std is not None:
             _check_positive_float("pool_init_std", self.pool_init_std)
-        if not isinstance(self.pool_sparse_grads, bool):
-            raise ValueError(f"pool_sparse_grads must be a bool, got {self.pool_sparse_grads!r}.")
         _check_positive_float("pool_balance_rate", self.pool_balance_rate)
         if not (isinstance(self.pool_selection_noise, (int, float)) and self.pool_selection_noise >= 0):
             raise ValueError(f"pool_selection_noise must be ≥ 0, got {self.pool_selection_noise!r}.")
@@ -342,7 +342,6 @@ class DPSNRConfig(PreTrainedConfig):
                 f"loop_min_steps ({self.loop_min_steps}) must be ≤ loop_max_steps ({self.loop_max_steps})."
             )
         _check_choice("loop_halting", self.loop_halting, LOOP_HALTINGS)
-        _check_choice("loop_mode", self.loop_mode, LOOP_MODES)
         if not 0.0 < self.loop_halt_epsilon < 1.0:
             raise ValueError(f"loop_halt_epsilon must be in (0, 1), got {self.loop_halt_epsilon}.")
         if not (isinstance(self.loop_ponder_weight, (int, float)) and self.loop_ponder_weight >= 0):

@@ -21,12 +21,13 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_dpsnr import DPSNRConfig
+from .execution import ExecutionPlan, is_tracing
 from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
 from .reasoning import ReasoningLoop
 from .storage import PoolStorageMixin
@@ -36,14 +37,28 @@ logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------- outputs
-@dataclass
-class DPSNRModelOutputWithPast(ModelOutput):
-    """Base model output plus the reasoning loop's per-token statistics."""
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (output fields, forward and
+# generate keywords); 5.23 uses the old name. Users who load remote code bring whatever 5.x release
+# they have, so the name is read off the library's own output class (a feature check, not a version
+# test), the outputs below inherit the field from it, and `forward` accepts both keywords.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+def output_cache(outputs: ModelOutput) -> Cache | None:
+    """The KV cache carried by a transformers output, under either release's field name."""
+    return outputs.get(CACHE_NAME)
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return cache if cache is not None else past_key_values
+
+
+@dataclass
+class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the reasoning loop's per-token statistics."""
+
     reasoning_steps: torch.LongTensor | None = None  # (B, T)
     halting_probs: torch.FloatTensor | None = None  # (B, T, loop_max_steps)
     ponder_cost: torch.FloatTensor | None = None  # (B, T)
@@ -51,17 +66,13 @@ class DPSNRModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class DPSNRCausalLMOutputWithPast(ModelOutput):
-    """Causal-LM output. `loss = lm_loss + loop_ponder_weight · ponder_loss` when labels are given;
-    both parts are returned on their own (as Mixtral returns its router loss)."""
+class DPSNRCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the loop's statistics. `loss = lm_loss + loop_ponder_weight ·
+    ponder_loss` when labels are given; both parts are also returned on their own (as Mixtral
+    returns its router loss)."""
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     ponder_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     reasoning_steps: torch.LongTensor | None = None
     halting_probs: torch.FloatTensor | None = None
     active_params: torch.LongTensor | None = None
@@ -120,11 +131,14 @@ class DPSNRRMSNorm(nn.Module):
 
 
 class DPSNRRotaryEmbedding(nn.Module):
-    """RoPE tables (Su et al. 2021); scaled variants come from transformers' ROPE_INIT_FUNCTIONS."""
+    """RoPE tables (Su et al. 2021); scaled variants (linear, dynamic, yarn, ...) come from transformers'
+    ROPE_INIT_FUNCTIONS, and `dynamic_rope_update` recomputes the dynamic ones as positions grow."""
 
     def __init__(self, config: DPSNRConfig):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
         init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)
@@ -139,6 +153,7 @@ class DPSNRRotaryEmbedding(nn.Module):
         return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -205,7 +220,7 @@ class DPSNRAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
@@ -213,8 +228,8 @@ class DPSNRAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -237,9 +252,13 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, past_key_values=None,
+                **kwargs):
+        # The cache arrives under the installed release's name (CACHE_NAME), the one transformers'
+        # gradient-checkpointing wrapper clears when it recomputes the block.
         attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+            _one_cache(cache, past_key_values), **kwargs
         )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -255,12 +274,29 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DPSNRDecoderLayer", "ReasoningLoop"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # eager early exit has data-dependent shapes; use loop_mode="static"
+    # torch.compile(fullgraph=True) and torch.export trace the static loop driver (ExecutionPlan
+    # loop_mode "auto" picks it while tracing); tests/test_export.py checks both against eager.
+    _can_compile_fullgraph = True
+
+    # ------------------------------------------------------------------ execution (not architecture)
+    @property
+    def execution(self) -> ExecutionPlan:
+        """How this model runs (loop driver, sparse pool gradients, row reads); see `set_execution`."""
+        return self.base_model._execution
+
+    def set_execution(self, **changes) -> ExecutionPlan:
+        """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
+        `pool_sparse_grads` (bool), `pool_row_gather` (callable or None). Trainers, launchers and
+        loaders call this; nothing of it is saved by `save_pretrained`. Returns the new plan."""
+        base = self.base_model
+        base._execution = base._execution.updated(**changes)
+        base.loop.pool.apply_execution(base._execution)
+        return base._execution
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -318,6 +354,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DPSNRRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self._execution = ExecutionPlan()
         self.post_init()
 
     @property
@@ -330,12 +367,6 @@ class DPSNRModel(DPSNRPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _use_static_loop(self, hidden_states: torch.Tensor) -> bool:
-        mode = self.config.loop_mode
-        if mode == "auto":
-            return hidden_states.device.type == "xla" or torch.compiler.is_compiling()
-        return mode == "static"
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -346,14 +377,21 @@ class DPSNRModel(DPSNRPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> DPSNRModelOutputWithPast:
+    ) -> DPSNRModelOutputWithPast | tuple:
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        # Data-dependent checks (host syncs) run on eager inputs only: never inside a compiled or
+        # exported graph, and not on the one-token decoding steps of a cache.
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        check = not is_tracing() and past_seen == 0
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
                 raise ValueError(
                     f"input_ids contain ids outside [0, {self.config.vocab_size}) (vocab_size): "
                     f"min {int(input_ids.min())}, max {int(input_ids.max())}. Is the tokenizer the model's?"
@@ -363,29 +401,18 @@ class DPSNRModel(DPSNRPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         B, T = inputs_embeds.shape[:2]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_seen + T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {past_seen + T} positions exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings})."
-            )
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] != past_seen + T:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {past_seen + T}."
-            )
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+        if check:
+            self._check_positions(position_ids, attention_mask, past_seen, T)
+        causal_mask = create_causal_mask(  # positional: the cache argument's name differs across 5.x releases
+            self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
@@ -402,8 +429,8 @@ class DPSNRModel(DPSNRPreTrainedModel):
                     h,
                     attention_mask=causal_mask,
                     position_embeddings=position_embeddings,
-                    past_key_values=past_key_values,
                     position_ids=position_ids,
+                    **{CACHE_NAME: cache},
                     **kwargs,
                 )
                 if all_attn is not None:
@@ -411,30 +438,48 @@ class DPSNRModel(DPSNRPreTrainedModel):
             return h
 
         hidden_states = run_blocks(hidden_states, self.layers[:num_prelude])
-        # Tokens whose attention mask is 0 (padding) skip the loop in eager mode.
+        static = self.execution.static_loop(hidden_states)
+        # Tokens whose attention mask is 0 (padding) skip the loop in eager mode (and are masked in
+        # static mode). The all-ones check is a host sync, so only the eager driver (which syncs
+        # anyway) makes it.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()
-            if bool(token_mask.all()):
+            if not static and bool(token_mask.all()):
                 token_mask = None
-        loop = self.loop(
-            hidden_states, token_mask, static=self._use_static_loop(hidden_states), token_embeddings=inputs_embeds
-        )
+        loop = self.loop(hidden_states, token_mask, static=static, token_embeddings=inputs_embeds)
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
 
-        return DPSNRModelOutputWithPast(
+        output = DPSNRModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
             reasoning_steps=loop.steps,
             halting_probs=loop.halting_probs,
             ponder_cost=loop.ponder_cost,
             active_params=self.active_params_base() + loop.steps * self.loop.parameters_per_step(),
+            **{CACHE_NAME: cache if use_cache else None},
         )
+        return output if return_dict else output.to_tuple()
+
+    def _check_positions(self, position_ids: torch.Tensor, attention_mask, past_seen: int, T: int) -> None:
+        """Positions, not row lengths, are what RoPE can represent: a packed row of several short
+        sequences is fine, and scaled RoPE (linear, dynamic, yarn, ...) extends the trained context."""
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] != past_seen + T:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {past_seen + T}."
+            )
+        if self.rotary_emb.rope_type != "default" or not position_ids.numel():
+            return
+        if position_ids.min() < 0 or position_ids.max() >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position_ids reach {int(position_ids.max())}, beyond max_position_embeddings "
+                f"({self.config.max_position_embeddings}) of this model's default RoPE; pass shorter "
+                "sequences, or set a scaled rope_parameters (linear, dynamic, yarn) to extend the context."
+            )
 
     # ------------------------------------------------------------------ cost model
     def active_params_base(self) -> int:
@@ -492,6 +537,7 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DPSNRCausalLMOutputWithPast | tuple:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -499,11 +545,12 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache=_one_cache(cache, past_key_values),
             **kwargs,
         )
         if self._stats_collector is not None:
@@ -530,12 +577,12 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             ponder_loss=ponder_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             reasoning_steps=outputs.reasoning_steps,
             halting_probs=outputs.halting_probs,
             active_params=outputs.active_params,
+            **{CACHE_NAME: output_cache(outputs)},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

@@ -291,7 +291,8 @@ class PoolPartition(nn.Module):
         self.name = name
         self.num_entries = num_entries
         self.entry = config.pool_entry
-        self.sparse_grads = config.pool_sparse_grads
+        self.sparse_grads = False  # execution settings, from ExecutionPlan via ParameterPool.apply_execution
+        self.row_gather = None
         self.act = ACT2FN[config.pool_activation]
         if config.pool_retrieval == "coordinate":
             self.retriever = CoordinateRetriever(config, num_entries)
@@ -307,7 +308,9 @@ class PoolPartition(nn.Module):
     def gather_rows(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """table[idx] → (*idx.shape, d). Every row read outside `embedding_bag` goes through here, so
         training code that places the tables elsewhere (rows sharded across devices, see
-        training/distributed.py) replaces this one read and leaves the model unchanged."""
+        training/distributed.py) replaces this one read (`ExecutionPlan.pool_row_gather`)."""
+        if self.row_gather is not None:
+            return self.row_gather(table, idx)
         return F.embedding(idx, table, sparse=self.sparse_grads)
 
     def forward(
@@ -366,6 +369,12 @@ class ParameterPool(nn.Module):
 
     def __getitem__(self, name: str) -> PoolPartition:
         return self.partitions[name]
+
+    def apply_execution(self, plan) -> None:
+        """Take the pool's part of an `ExecutionPlan` (sparse gradients, row reads)."""
+        for part in self.partitions.values():
+            part.sparse_grads = plan.pool_sparse_grads
+            part.row_gather = plan.pool_row_gather
 
     def entry_parameters(self) -> list[nn.Parameter]:
         """The (N, d) entry tables: the parameters a sparse row-wise optimizer owns."""

@@ -24,9 +24,13 @@ def tiny_config(**overrides) -> DPSNRConfig:
     return DPSNRConfig(**kwargs)
 
 
-def tiny_model(seed: int = 0, **overrides) -> DPSNRForCausalLM:
+def tiny_model(seed: int = 0, execution: dict | None = None, **overrides) -> DPSNRForCausalLM:
+    """A tiny model; `execution` goes to `model.set_execution` (how it runs, not what it is)."""
     torch.manual_seed(seed)
-    return DPSNRForCausalLM(tiny_config(**overrides))
+    model = DPSNRForCausalLM(tiny_config(**overrides))
+    if execution:
+        model.set_execution(**execution)
+    return model
 
 
 @pytest.fixture

@@ -153,9 +153,9 @@ def test_coordinate_model_eager_equals_static_and_survives_save_load(tmp_path):
     model(ids, labels=ids).loss.backward()  # one training forward: histograms move off uniform
     model.eval()
     eager = model(ids).logits
-    model.config.loop_mode = "static"
+    model.set_execution(loop_mode="static")
     torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=1e-4)
-    model.config.loop_mode = "auto"
+    model.set_execution(loop_mode="auto")
     model.save_pretrained(tmp_path)
     for loaded in (DPSNRForCausalLM.from_pretrained(tmp_path), DPSNRForCausalLM.from_pretrained(tmp_path, pool_mmap=True)):
         for name, part in model.pool.partitions.items():

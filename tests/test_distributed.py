@@ -152,7 +152,8 @@ def _check_row_sharded_pool(rank: int, **overrides) -> dict:
 
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
-    ref = DPSNRForCausalLM.from_preset("debug", loop_mode="static", **overrides).train()
+    ref = DPSNRForCausalLM.from_preset("debug", **overrides).train()
+    ref.set_execution(loop_mode="static")
     torch.manual_seed(0)
     model = shard_pool_rows(DPSNRForCausalLM.from_preset("debug", **overrides).train(), mesh)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -213,3 +213,37 @@ def test_remote_code_loads_in_a_process_where_the_package_is_not_importable(tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.tensor(eval(res.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------- transformers releases
+def test_the_cache_keyword_of_every_5x_release_is_accepted_and_returned():
+    """5.24 renamed `past_key_values` to `cache`; a forward that ignored either name would decode
+    without its cache. Both keywords give the same logits and hand the same cache back."""
+    from modeling_dpsnr.modeling_dpsnr import CACHE_NAME, output_cache
+
+    model = tiny_model().eval()
+    ids = torch.randint(0, V, (2, 7))
+    prefix = model(ids[:, :5], use_cache=True)
+    cache = output_cache(prefix)
+    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 5
+    assert getattr(prefix, CACHE_NAME) is cache
+    full = model(ids, use_cache=False).logits[:, 5:]
+    for name in ("cache", "past_key_values"):
+        c = DynamicCache(config=model.config)
+        model(ids[:, :5], use_cache=True, **{name: c})
+        out = model(ids[:, 5:], use_cache=True, **{name: c})
+        assert output_cache(out) is c and c.get_seq_length() == 7, name
+        torch.testing.assert_close(out.logits, full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="once"):
+        model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
+
+
+def test_generate_decodes_one_token_per_forward_from_its_cache():
+    model = tiny_model(loop_halt_bias_init=0.0).eval()
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        model.generate(torch.randint(0, V, (1, 6)), max_new_tokens=4, do_sample=False)
+    finally:
+        hook.remove()
+    assert lengths == [6, 1, 1, 1]

@@ -68,8 +68,9 @@ def test_product_key_retrieval_never_scores_the_whole_pool():
 
 def _partition(entry="neuron", sparse=False, seed=0):
     torch.manual_seed(seed)
-    cfg = tiny_config(pool_entry=entry, pool_sparse_grads=sparse, pool_size=200, pool_partitions={"p": 1.0})
+    cfg = tiny_config(pool_entry=entry, pool_size=200, pool_partitions={"p": 1.0})
     part = PoolPartition(cfg, "p", 200)
+    part.sparse_grads = sparse
     for t in part.entry_tables().values():
         torch.nn.init.normal_(t, std=0.5)
     torch.nn.init.normal_(part.retriever.sub_keys1)

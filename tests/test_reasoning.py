@@ -51,8 +51,8 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
         assert (out.halting_probs[0, t, n:] == 0).all()
 
 
-def _varied_halting_model(**overrides):
-    model = tiny_model(loop_halt_bias_init=0.0, **overrides)
+def _varied_halting_model(loop_mode="auto", **overrides):
+    model = tiny_model(loop_halt_bias_init=0.0, execution={"loop_mode": loop_mode}, **overrides)
     torch.nn.init.normal_(model.model.loop.halt.weight, std=0.5)  # tokens halt after 1..4 steps
     return model
 

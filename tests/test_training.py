@@ -48,7 +48,7 @@ def test_dpsnr_trainer_uses_sparse_pool_updates_and_logs_reasoning_metrics(tmp_p
     read = {name: torch.zeros(part.num_entries, dtype=torch.bool) for name, part in model.pool.partitions.items()}
     trainer = DPSNRTrainer(model=model, args=_args(DPSNRTrainingArguments, tmp_path, pool_learning_rate=1e-2,
                                                    ponder_warmup_ratio=0.5), train_dataset=_dataset())
-    assert model.config.pool_sparse_grads
+    assert model.execution.pool_sparse_grads and "pool_sparse_grads" not in model.config.to_dict()
     # record every row any forward reads, to check untouched rows stay bit-identical
     original = model.pool.forward
 
@@ -82,7 +82,7 @@ def test_plain_transformers_trainer_trains_the_dense_path(tmp_path):
     batch = torch.tensor(ds[:8]["input_ids"])
     before = model(batch, labels=batch).lm_loss.item()
     Trainer(model=model, args=_args(TrainingArguments, tmp_path, max_steps=15), train_dataset=ds).train()
-    assert not model.config.pool_sparse_grads
+    assert not model.execution.pool_sparse_grads
     assert model(batch, labels=batch).lm_loss.item() < before - 0.05
 
 

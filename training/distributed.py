@@ -20,7 +20,7 @@ engine underneath:
    another rank holds) and one all-reduce sums them, so every rank gets the exact rows the
    unsharded table would give (retrieval itself is unchanged: the retrievers stay replicated).
    The backward of that read lands each row's gradient on the rank that owns it. The read is
-   swapped in through `PoolPartition.gather_rows`; the loop switches to its static (gather) path,
+   swapped in through the model's execution plan (`pool_row_gather`); the loop switches to its static (gather) path,
    since DTensor has no sharding rule for `embedding_bag`.
 
 3. **XLA (TPU).** Sparse tensors do not exist on XLA, so the pool's gradients are dense there
@@ -142,9 +142,7 @@ def shard_pool_rows(model: nn.Module, mesh) -> nn.Module:
     core = _core(model)
     if getattr(mesh, "ndim", len(getattr(mesh, "mesh_shape", (0, 0)))) != 1:
         raise ValueError(f"shard_pool_rows: expected a 1-D mesh, got {mesh!r}")
-    for part in core.pool.partitions.values():
-        part.sparse_grads = False
-    core.config.pool_sparse_grads = False
+    core.set_execution(pool_sparse_grads=False)
     if _is_xla_mesh(mesh):
         _mark_rows_sharded_xla(core, mesh)
         return model
@@ -156,10 +154,9 @@ def shard_pool_rows(model: nn.Module, mesh) -> nn.Module:
                 raise ValueError(f"shard_pool_rows: partition {part.name!r} has {table.shape[0]} rows, fewer than the {mesh.size()} ranks")
             sharded = distribute_tensor(table.detach(), mesh, [Shard(0)])
             setattr(part, name, nn.Parameter(sharded, requires_grad=table.requires_grad))
-        part.gather_rows = _sharded_gather  # instance attribute: only this read changes
-    if core.config.loop_mode != "static":
+    if core.execution.loop_mode != "static":
         logger.info("shard_pool_rows: loop_mode set to 'static' (row-sharded tables are read by gather, not embedding_bag)")
-        core.config.loop_mode = "static"
+    core.set_execution(loop_mode="static", pool_row_gather=_sharded_gather)  # only the row read changes
     return model
 
 

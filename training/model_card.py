@@ -39,7 +39,7 @@ PRESET_TEXT = CARDS_DIR / "presets.yaml"
 
 # Config fields that do not describe the architecture or its training behaviour: a published
 # config may differ from its preset in these without the card listing an override.
-NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "loop_mode", "pool_sparse_grads"}
+NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "pad_token_id", "use_cache"}
 # Keys a record of eval/perplexity.py always has; anything else is refused as an eval source.
 PERPLEXITY_KEYS = {"ppl", "nll", "tokens_scored", "dataset", "split", "context", "stride", "model"}
 # eval/common.py dataset keywords → (Hub dataset id, Hub config, display name).

@@ -120,13 +120,6 @@ class ChainedOptimizer(torch.optim.Optimizer):
         return f"ChainedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
-def set_pool_sparse_grads(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch the pool tables of a DPSN-R model between sparse and dense gradients."""
-    model.config.pool_sparse_grads = enabled
-    for part in model.pool.partitions.values():
-        part.sparse_grads = enabled
-
-
 def _unwrap(model):
     while hasattr(model, "module"):
         model = model.module
@@ -143,7 +136,7 @@ class DPSNRTrainer(Trainer):
         # Sparse tensors do not exist on XLA: there the pool keeps its own learning rate and no
         # weight decay, but takes dense gradients in an AdamW group (clipped with the controller).
         self.sparse_grads = self.sparse_pool and sparse_grads_supported(self.args.device)
-        set_pool_sparse_grads(model, self.sparse_grads)
+        model.set_execution(pool_sparse_grads=self.sparse_grads)  # a runtime plan: never saved in config.json
         self._pool_param_ids = {id(p) for p in model.pool.entry_parameters()}
         # DDP cannot reduce sparse gradients of plain parameters: the tables are left out of DDP
         # and their gradients averaged after each synchronising backward (training/distributed.py).

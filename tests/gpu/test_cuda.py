@@ -34,7 +34,7 @@ def _dense_grad(p: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("retrieval", list(RETRIEVALS))
 @pytest.mark.parametrize("loop_mode", ["eager", "static"])
 def test_forward_and_gradients_match_the_cpu(retrieval, loop_mode, record):
-    cpu = tiny_model(loop_mode=loop_mode, pool_sparse_grads=True, **RETRIEVALS[retrieval]).train()
+    cpu = tiny_model(execution={"loop_mode": loop_mode, "pool_sparse_grads": True}, **RETRIEVALS[retrieval]).train()
     gpu = copy.deepcopy(cpu).to(CUDA)
     ids = _ids()
     ref = cpu(ids, labels=ids)
@@ -170,7 +170,7 @@ def test_dpsnr_trainer_trains_on_cuda_with_sparse_pool_updates(tmp_path, bf16, r
 
 
 def test_compiled_static_loop_matches_eager_on_cuda(record):
-    model = tiny_model(loop_mode="static").to(CUDA).eval()
+    model = tiny_model(execution={"loop_mode": "static"}).to(CUDA).eval()
     ids = _ids(2, 16).to(CUDA)
     with torch.no_grad():
         ref = model(ids).logits

@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""
     mesh = xs.Mesh(np.arange(n), (n,), ("pool",))
     dev = torch_xla.device()
     torch.manual_seed(0)
-    ref = DPSNRForCausalLM.from_preset("debug", loop_mode="static").train()
+    ref = DPSNRForCausalLM.from_preset("debug").train()
+    ref.set_execution(loop_mode="static")
     torch.manual_seed(0)
     model = DPSNRForCausalLM.from_preset("debug").to(dev).train()
     model.tie_weights()  # the move to XLA made new parameters and untied lm_head

@@ -48,7 +48,8 @@ def test_training_loop_lowers_without_fallback_and_matches_cpu(retrieval, xla_me
     overrides = {"pool_retrieval": retrieval}
     steps = 6
     batches = _batches(steps, 512)
-    cpu = _model(loop_mode="eager", **overrides).train()  # the eager early-exit loop, on the CPU
+    cpu = _model(**overrides).train()
+    cpu.set_execution(loop_mode="eager")  # the eager early-exit loop, on the CPU
     ref = cpu(batches[0], labels=batches[0])
 
     dev = torch_xla.device()

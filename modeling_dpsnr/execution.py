@@ -1,0 +1,70 @@
+"""How a DPSN-R model runs, kept apart from what it is.
+
+The config (`DPSNRConfig`) describes the architecture and is what `save_pretrained` writes. How a
+run executes — the eager or static loop driver, sparse or dense pool gradients, a replacement for
+the plain row read when the tables are sharded — depends on the trainer, the device and the
+launcher, so it is an `ExecutionPlan` set on the model with `model.set_execution(...)` and never
+saved: a folder trained with sparse gradients fine-tunes with a plain `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+LOOP_MODES = ("auto", "eager", "static")
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """loop_mode: "eager" runs only the still-running tokens at each step (compute follows the
+        halting); "static" runs every token through every step with masks (XLA, torch.compile,
+        torch.export); "auto" is static on XLA devices and while compiling or exporting, eager otherwise.
+    pool_sparse_grads: the entry tables produce sparse (COO) gradients, for a row-wise optimizer
+        (`training.pool_optim.SparseRowAdam`). Off by default so any optimizer works.
+    pool_row_gather: `f(table, idx) -> table[idx]` replacing the plain row read (row-sharded tables,
+        see training/distributed.py); None reads rows with `F.embedding`.
+    """
+
+    loop_mode: str = "auto"
+    pool_sparse_grads: bool = False
+    pool_row_gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.loop_mode not in LOOP_MODES:
+            raise ValueError(f"loop_mode must be one of {list(LOOP_MODES)}, got {self.loop_mode!r}.")
+        if not isinstance(self.pool_sparse_grads, bool):
+            raise ValueError(f"pool_sparse_grads must be a bool, got {self.pool_sparse_grads!r}.")
+        if self.pool_row_gather is not None and not callable(self.pool_row_gather):
+            raise ValueError(f"pool_row_gather must be callable or None, got {self.pool_row_gather!r}.")
+
+    def updated(self, **changes) -> "ExecutionPlan":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown execution setting(s) {unknown}; known: {[f.name for f in fields(self)]}.")
+        return replace(self, **changes)
+
+    def static_loop(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the loop runs its static (masked, fixed-shape) driver on this input."""
+        if self.loop_mode == "auto":
+            return hidden_states.device.type == "xla" or is_tracing()
+        return self.loop_mode == "static"
+
+
+def is_tracing() -> bool:
+    """True while torch.compile / torch.export (dynamo), torch.jit or torch.fx trace the forward:
+    data-dependent input checks and host syncs stay out of such graphs."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    from torch.fx import _symbolic_trace
+
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or getattr(_symbolic_trace, "is_fx_tracing", None)
+    return bool(check and check())
+
+
+# Keys that configs saved before the plan existed carry; they are runtime settings, dropped on load.
+LEGACY_CONFIG_KEYS = ("loop_mode", "pool_sparse_grads")
+
+__all__ = ["ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_tracing"]
