@@ -247,3 +247,46 @@ def test_generate_decodes_one_token_per_forward_from_its_cache():
     finally:
         hook.remove()
     assert lengths == [6, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------- conventions of transformers models
+def test_base_model_honours_return_dict_false():
+    model = tiny_model().eval()
+    ids = torch.randint(0, V, (1, 4))
+    out = model.model(ids, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], model.model(ids).last_hidden_state)
+    model.config.return_dict = False
+    assert isinstance(model.model(ids), tuple) and isinstance(model(ids), tuple)
+
+
+def test_positions_not_row_length_are_validated_packed_rows_run():
+    """Three sequences packed in one row of 90 tokens, each with positions from 0: longer than
+    max_position_embeddings (64) as a row, but every position is inside the trained context."""
+    model = tiny_model().eval()
+    lengths = (40, 30, 20)
+    seqs = [torch.randint(0, V, (1, n)) for n in lengths]
+    packed = torch.cat(seqs, 1)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    out = model(packed, position_ids=positions).logits
+    torch.testing.assert_close(out[:, :40], model(seqs[0]).logits)  # the first sequence sees nothing else
+    with pytest.raises(ValueError, match="position_ids reach 89"):
+        model(packed)  # positions 0..89 by default: beyond the default RoPE's context
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_scaled_rope_builds_with_default_head_dim_and_extends_the_context(rope_type):
+    model = tiny_model(max_position_embeddings=32, rope_parameters={"rope_type": rope_type, "factor": 2.0}).eval()
+    assert model.config.head_dim == model.config.hidden_size // model.config.num_attention_heads
+    ids = torch.randint(0, V, (1, 50))
+    logits = model(ids).logits  # beyond the 32 trained positions: allowed with scaled RoPE
+    assert torch.isfinite(logits).all()
+
+
+def test_dynamic_rope_recomputes_its_frequencies_beyond_the_trained_context():
+    model = tiny_model(max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "factor": 2.0}).eval()
+    rope = model.model.rotary_emb
+    short = rope.inv_freq.clone()
+    model(torch.randint(0, V, (1, 20)))
+    torch.testing.assert_close(rope.inv_freq, short)  # inside the context: the default frequencies
+    model(torch.randint(0, V, (1, 60)))
+    assert not torch.allclose(rope.inv_freq, short)  # NTK-scaled for 60 positions

@@ -1,6 +1,7 @@
 """Training: DPSNRTrainer and the stock Trainer, checkpoints that survive SIGKILL, early input errors."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -207,3 +208,44 @@ def test_every_accelerate_config_parses(path):
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 1
     assert cfg.distributed_type is not None
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_a_folder_saved_by_dpsnr_trainer_fine_tunes_with_a_plain_trainer(tmp_path, gradient_checkpointing):
+    """The sparse pool gradients DPSNRTrainer uses are a runtime plan, never saved: the folder it
+    writes loads dense, so a stock Trainer (AdamW, default gradient clipping) fine-tunes it."""
+    model = tiny_model()
+    trainer = DPSNRTrainer(model=model, args=_args(DPSNRTrainingArguments, tmp_path / "run"), train_dataset=_dataset())
+    trainer.train()
+    trainer.save_model(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not {"pool_sparse_grads", "loop_mode"} & saved.keys()
+
+    loaded = DPSNRForCausalLM.from_pretrained(tmp_path / "saved")
+    assert not loaded.execution.pool_sparse_grads
+    pool_before = loaded.pool["knowledge"].v.detach().clone()
+    ds = _dataset(seed=1)
+    batch = torch.tensor(ds[:8]["input_ids"])
+    before = loaded(batch, labels=batch).lm_loss.item()
+    # transformers 5.24 renamed the argument (the old name still works there, with a warning)
+    name = next(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in TrainingArguments.__dataclass_fields__)
+    args = _args(TrainingArguments, tmp_path / "ft", max_steps=10, max_grad_norm=1.0, **{name: gradient_checkpointing})
+    Trainer(model=loaded, args=args, train_dataset=ds).train()
+    assert loaded.pool["knowledge"].v.grad is None or not loaded.pool["knowledge"].v.grad.is_sparse
+    assert not torch.equal(loaded.pool["knowledge"].v.detach(), pool_before)  # the pool trained too
+    assert loaded(batch, labels=batch).lm_loss.item() < before - 0.05
+
+
+def test_configs_saved_with_runtime_settings_still_load_without_them(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(pool_sparse_grads=True, loop_mode="static")  # what folders written before the plan hold
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = DPSNRForCausalLM.from_pretrained(tmp_path)
+    assert loaded.execution.loop_mode == "auto" and not loaded.execution.pool_sparse_grads
+    assert not hasattr(loaded.config, "pool_sparse_grads")
+    with pytest.raises(ValueError, match="loop_mode"):
+        loaded.set_execution(loop_mode="lazy")
+    with pytest.raises(TypeError, match="unknown execution"):
+        loaded.set_execution(sparse=True)
