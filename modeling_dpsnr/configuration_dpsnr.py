@@ -24,7 +24,9 @@ POOL_QUERY_NORMS = ("rms", "layer")
 POOL_BALANCES = ("none", "bias")
 POOL_QUERY_INPUTS = ("state+token", "state")
 INDEXER_BALANCES = ("none", "quantile")
-LOOP_HALTINGS = ("act", "none")
+LOOP_HALTINGS = ("act", "fixed", "threshold")  # halting.POLICIES
+LEGACY_LOOP_HALTINGS = {"none": "fixed"}  # names saved configs may carry
+LOOP_STEPS = ("token", "block")  # reasoning.STEP_KINDS
 
 # Default partitions and the share of the reasoning steps each one gets when the schedule is
 # derived (design §2: for 8 steps, knowledge x2, reasoning x4, grammar x2).
@@ -48,6 +50,14 @@ def derive_phase_schedule(partitions: list[str], max_steps: int) -> list[str]:
     for i in order[: max_steps - sum(counts)]:
         counts[i] += 1
     return [p for p, c in zip(partitions, counts) for _ in range(c)]
+
+
+def derive_capacity(max_steps: int, min_steps: int = 1) -> list[float]:
+    """Default share of tokens reaching each step for threshold routing: 1.0 through min_steps,
+    then 0.6 falling linearly to 0.4 (4 steps: 1, 0.6, 0.5, 0.4; mean 2.5)."""
+    rest = max_steps - min_steps
+    tail = [0.6 - 0.2 * i / max(1, rest - 1) for i in range(rest)]
+    return [1.0] * min_steps + [round(c, 6) for c in tail]
 
 
 class DPSNRConfig(PreTrainedConfig):
@@ -112,8 +122,14 @@ class DPSNRConfig(PreTrainedConfig):
         loop_min_steps (`int`, 1): fewest steps; the halting head is not consulted before it.
         loop_phase_schedule (`list[str]`, None → derived): the partition read at each step,
             length `loop_max_steps`, every name a key of `pool_partitions`.
-        loop_halting (`str`, "act"): "act" (Graves 2016 adaptive computation time) or "none"
-            (every token runs `loop_max_steps` and uses the last state; an ablation).
+        loop_step (`str`, "token"): what one step computes (reasoning.py). "token": a gated pool read
+            on the token's own state (no attention, no cache). "block": a shared transformer block
+            whose MLP is the pool read, so attention at each depth sees the sequence (recurrent
+            depth; halted tokens are seen at their deepest state).
+        loop_halting (`str`, "act"): the halting policy (halting.py). "act": Graves (2016) adaptive
+            computation time with a ponder cost; "fixed": every token runs `loop_max_steps` and
+            keeps its last state ("none" in older configs); "threshold": routed capacity, a router
+            per step lets the share `loop_capacity` of tokens continue through a causal EMA threshold.
         loop_halt_epsilon (`float`, 0.01): a token halts once its cumulative halting
             probability reaches `1 - loop_halt_epsilon`.
         loop_ponder_weight (`float`, 0.01): weight of the ponder cost `N + R` added to the loss.
@@ -122,6 +138,11 @@ class DPSNRConfig(PreTrainedConfig):
             of as many steps.
         loop_halt_bias_init (`float`, -2.2): initial halting bias; σ(-2.2) ≈ 0.1 so that an
             untrained model runs most steps and every partition receives gradient.
+        loop_capacity (`list[float]`, None → derived): with `loop_halting="threshold"`, the share of
+            tokens that reach each step: non-increasing, 1.0 for the first `loop_min_steps` steps;
+            the mean number of steps is its sum. Derived: 1, then 0.6 falling linearly to 0.4
+            (4 steps: 1, 0.6, 0.5, 0.4 → 2.5 steps on average).
+        loop_threshold_momentum (`float`, 0.05): EMA rate of the routing thresholds (training mode).
 
     Coordinate indexer (used when `pool_retrieval="coordinate"`):
         indexer_hidden_size (`int`, 256): hidden width of the indexer MLP.
@@ -178,10 +199,13 @@ class DPSNRConfig(PreTrainedConfig):
     loop_max_steps: int = 8
     loop_min_steps: int = 1
     loop_phase_schedule: list[str] | None = None
+    loop_step: str = "token"
     loop_halting: str = "act"
     loop_halt_epsilon: float = 0.01
     loop_ponder_weight: float = 0.01
     loop_halt_bias_init: float = -2.2
+    loop_capacity: list[float] | None = None
+    loop_threshold_momentum: float = 0.05
     # coordinate indexer
     indexer_hidden_size: int = 256
     indexer_window: int = 16
@@ -203,6 +227,11 @@ class DPSNRConfig(PreTrainedConfig):
         self.pool_partitions = dict(DEFAULT_PARTITIONS if self.pool_partitions is None else self.pool_partitions)
         if self.loop_phase_schedule is not None:
             self.loop_phase_schedule = list(self.loop_phase_schedule)
+        self.loop_halting = LEGACY_LOOP_HALTINGS.get(self.loop_halting, self.loop_halting)
+        if self.loop_capacity is not None:
+            self.loop_capacity = [float(c) for c in self.loop_capacity]
+        elif _is_int(self.loop_max_steps) and _is_int(self.loop_min_steps) and self.loop_max_steps > 0:
+            self.loop_capacity = derive_capacity(self.loop_max_steps, self.loop_min_steps)
         self._check_controller()
         if self.head_dim is None:  # explicit, as transformers' RoPE initialisers (yarn, dynamic, ...) read it
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -342,6 +371,16 @@ class DPSNRConfig(PreTrainedConfig):
                 f"loop_min_steps ({self.loop_min_steps}) must be ≤ loop_max_steps ({self.loop_max_steps})."
             )
         _check_choice("loop_halting", self.loop_halting, LOOP_HALTINGS)
+        _check_choice("loop_step", self.loop_step, LOOP_STEPS)
+        cap = self.loop_capacity
+        if not isinstance(cap, list) or len(cap) != self.loop_max_steps:
+            raise ValueError(f"loop_capacity must list one share per step ({self.loop_max_steps} numbers), got {cap!r}.")
+        if any(not 0.0 < c <= 1.0 for c in cap) or any(b > a + 1e-9 for a, b in zip(cap, cap[1:])):
+            raise ValueError(f"loop_capacity must be non-increasing shares in (0, 1], got {cap}.")
+        if any(c != 1.0 for c in cap[: self.loop_min_steps]):
+            raise ValueError(f"loop_capacity must be 1.0 for the first loop_min_steps ({self.loop_min_steps}) steps, got {cap}.")
+        if not (isinstance(self.loop_threshold_momentum, (int, float)) and 0.0 < self.loop_threshold_momentum <= 1.0):
+            raise ValueError(f"loop_threshold_momentum must be in (0, 1], got {self.loop_threshold_momentum!r}.")
         if not 0.0 < self.loop_halt_epsilon < 1.0:
             raise ValueError(f"loop_halt_epsilon must be in (0, 1), got {self.loop_halt_epsilon}.")
         if not (isinstance(self.loop_ponder_weight, (int, float)) and self.loop_ponder_weight >= 0):
@@ -394,4 +433,4 @@ def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
 
 
-__all__ = ["DPSNRConfig", "derive_phase_schedule"]
+__all__ = ["DPSNRConfig", "derive_capacity", "derive_phase_schedule"]

@@ -29,7 +29,8 @@ from transformers.utils import logging
 from .configuration_dpsnr import DPSNRConfig
 from .execution import ExecutionPlan, is_tracing
 from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
-from .reasoning import ReasoningLoop
+from .halting import ThresholdRouting
+from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
 
 
@@ -165,11 +166,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, kvH, T, hd) → (B, kvH·n_rep, T, hd) for grouped-query attention."""
     if n_rep == 1:
@@ -205,6 +201,10 @@ class DPSNRMLP(nn.Module):
 
 
 class DPSNRAttention(nn.Module):
+    """Causal self-attention with RoPE through transformers' attention-function registry. Its
+    stages (`queries`, `keys_values`, `attend`) are also used on their own by the loop's block step,
+    which projects only the rows still running and reuses the keys of halted ones."""
+
     def __init__(self, config: DPSNRConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -220,16 +220,19 @@ class DPSNRAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-        B, T, _ = hidden_states.shape
-        shape = (B, T, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, kvH, T, hd)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(..., d) → (..., H, hd), rotated; cos/sin (..., hd)."""
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
+        return q * cos.unsqueeze(-2) + rotate_half(q) * sin.unsqueeze(-2)
+
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., d) → keys (rotated) and values, (..., kvH, hd) each."""
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+        return k * cos.unsqueeze(-2) + rotate_half(k) * sin.unsqueeze(-2), v
+
+    def attend(self, q, k, v, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q (B, H, Tq, hd), k / v (B, kvH, Tk, hd) → (B, Tq, H·hd) before o_proj, and the weights."""
         attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -239,7 +242,17 @@ class DPSNRAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
+        return out.reshape(*out.shape[:2], -1).contiguous(), weights
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        cos, sin = position_embeddings  # (B, T, hd)
+        q = self.queries(hidden_states, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k, v = self.keys_values(hidden_states, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kvH, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out, weights = self.attend(q, k, v, attention_mask, **kwargs)
+        return self.o_proj(out), weights
 
 
 class DPSNRDecoderLayer(GradientCheckpointingLayer):
@@ -336,8 +349,13 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
             pool_std = self.config.pool_init_std or std
             for table in module.entry_tables().values():
                 init.normal_(table, mean=0.0, std=pool_std)
-        elif isinstance(module, ReasoningLoop):
+        elif isinstance(module, TokenStep):  # and BlockStep
             init.normal_(module.step_embedding, mean=0.0, std=std)
+        elif isinstance(module, ThresholdRouting):
+            init.zeros_(module.thresholds)
+            init.zeros_(module.calibrated)
+            capacity = torch.tensor(self.config.loop_capacity, dtype=torch.float32)
+            init.copy_(module.pass_rate, capacity[1:] / capacity[:-1])
         elif hasattr(module, "init_weights_"):  # retrievers defined beside the pool (coordinate indexer)
             module.init_weights_(std)
 
@@ -350,7 +368,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DPSNRDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.loop = ReasoningLoop(config, DPSNRRMSNorm)
+        self.loop = ReasoningLoop(config, DPSNRRMSNorm, DPSNRAttention)
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DPSNRRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -447,7 +465,10 @@ class DPSNRModel(DPSNRPreTrainedModel):
             token_mask = attention_mask[:, -T:].bool()
             if not static and bool(token_mask.all()):
                 token_mask = None
-        loop = self.loop(hidden_states, token_mask, static=static, token_embeddings=inputs_embeds)
+        loop = self.loop(
+            hidden_states, token_mask, static=static, token_embeddings=inputs_embeds,
+            position_embeddings=position_embeddings, attention_mask=causal_mask, cache=cache,
+        )
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
@@ -569,7 +590,7 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             )
             ponder_loss = self._ponder_loss(outputs.ponder_cost, labels, num_items_in_batch)
             loss = lm_loss
-            if self.config.loop_halting == "act" and self.config.loop_ponder_weight > 0:
+            if self.model.loop.policy.has_loss and self.config.loop_ponder_weight > 0:
                 loss = lm_loss + self.config.loop_ponder_weight * ponder_loss.to(lm_loss.dtype)
 
         output = DPSNRCausalLMOutputWithPast(

@@ -1,22 +1,28 @@
-"""The adaptive reasoning loop: per token, read the pool a few times and halt when confident.
+"""The adaptive reasoning loop: per token, read the pool a few times and halt when the policy says.
 
-    h_0 ── for s = 1 .. S (S = loop_max_steps) ──────────────────────────────────────────
-            x   = norm(h_{s-1})
-            r   = pool[schedule[s]](x + e + step_embedding[s], x)   retrieval + weighted read
-                  (e = norm(token embedding) with pool_query_input="state+token", else 0)
-            h_s = h_{s-1} + σ(W_g·x) ⊙ r                            gated integration
-            p_s = σ(w_halt·h_s + b_halt)                            halting probability
-            halt once c_s = Σ_{j≤s} p_j ≥ 1 − ε, or at s = S
-         ──────────────────────────────────────────────────────────────────────────────────
-    h* = Σ_s α_s·h_s,  α_s = p_s (s < N),  α_N = R = 1 − c_{N−1};   ponder cost ρ = N + R
+    h_0 ── for s = 1 .. S (S = loop_max_steps), for the tokens still running ────────────────────
+            step kind "token" (config loop_step):       step kind "block":
+              x   = norm(h)                               h' = h + attn(norm₁(h))   keys of halted
+              h_s = h + σ(W_g·x) ⊙ read_s(x)                     tokens: their last state
+                                                          y  = norm₂(h')
+                                                          h_s = h' + σ(W_g·y) ⊙ read_s(y)
+            read_s(x) = pool[schedule[s]](x + e + step_embedding[s], x)   retrieval + weighted read
+                        (e = norm(token embedding) with pool_query_input="state+token", else 0)
+            policy (halting.py) decides from h_s which tokens halt, and their output weights
+         ───────────────────────────────────────────────────────────────────────────────────────────
+    h* = Σ_s w_s·h_s  (ACT: w = α; fixed and threshold: the last state)
 
-ACT as in Graves (2016), "Adaptive Computation Time for Recurrent Neural Networks". The loop
-has no attention, so each token's loop reads only its own state and needs no cache.
+The token step reads only the token's own state and the pool, so a token's loop needs no cache.
+The block step is a shared transformer block whose MLP is the pool read, iterated (the
+recurrent-depth design of Huginn, Ouro and Mixture-of-Recursions): attention at step s sees every
+earlier token at step s, or at its deepest state if it halted before s. Its keys are
+step-independent functions of that state, so a halted token's keys are computed once more after
+it halts and then reused; with a KV cache they live in cache layers num_hidden_layers + s.
 
-Two execution modes give the same numbers (a test says so):
-- eager: each step gathers the still-running tokens, runs them, and emits the halted ones, so a
-  token that halts after 2 steps pays for 2 retrievals, in prefill, decoding and training;
-- static: every token runs every step and masks decide what counts (XLA, torch.compile).
+Two drivers give the same numbers (tests say so):
+- eager: each step gathers the running tokens, runs them and emits the halted ones, so a token
+  that halts after 2 steps pays for 2 steps, in prefill, decoding and training;
+- static: every token runs every step and masks decide what counts (XLA, torch.compile, export).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 from .configuration_dpsnr import DPSNRConfig
+from .halting import Decision, HaltingPolicy, build_policy
 from .pool import ParameterPool
 
 
@@ -35,42 +42,146 @@ class LoopOutput:
     hidden_states: torch.Tensor  # (B, T, d)  h*
     steps: torch.Tensor  # (B, T) int64, N per token (0 for padding skipped in eager mode)
     halting_probs: torch.Tensor  # (B, T, S) p_s, 0 after halting
-    ponder_cost: torch.Tensor  # (B, T)  ρ = N + R (differentiable through R)
+    ponder_cost: torch.Tensor  # (B, T)  the policy's cost (ACT: ρ = N + R), 0 without one
 
 
-class ReasoningLoop(nn.Module):
-    def __init__(self, config: DPSNRConfig, norm_cls: type[nn.Module]):
+@dataclass
+class LoopContext:
+    """What a block step needs beyond its rows: positions, the causal mask, the cache."""
+
+    batch: int
+    length: int
+    cos: torch.Tensor  # (B·T, hd)
+    sin: torch.Tensor  # (B·T, hd)
+    attention_mask: torch.Tensor | None  # as built for the controller's blocks
+    cache: object | None  # transformers Cache
+    cache_layer: int  # cache layer of step 0
+    kv: dict | None = None  # per-forward buffers of the block step
+
+
+# ---------------------------------------------------------------------------- step kinds
+class TokenStep(nn.Module):
+    """The token-wise step: gated pool read on the token's own normalised state."""
+
+    needs_context = False
+
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
         super().__init__()
-        self.config = config
         d = config.hidden_size
-        self.max_steps = config.loop_max_steps
-        self.min_steps = config.loop_min_steps
         self.schedule = list(config.loop_phase_schedule)
-        self.use_act = config.loop_halting == "act"
-        self.threshold = 1.0 - config.loop_halt_epsilon
         self.norm = norm_cls(d, eps=config.rms_norm_eps)
-        self.step_embedding = nn.Parameter(torch.zeros(self.max_steps, d))  # (S, d)
+        self.step_embedding = nn.Parameter(torch.zeros(config.loop_max_steps, d))  # (S, d)
         # The token's own embedding keeps queries token-specific while the contextual state is
         # still collapsed (early training); see `pool_query_input` in the config.
         self.token_norm = norm_cls(d, eps=config.rms_norm_eps) if config.pool_query_input == "state+token" else None
         self.gate = nn.Linear(d, d)
-        self.halt = nn.Linear(d, 1)
-        self.halt.is_halting_head = True  # _init_weights gives it the halting bias
-        self.pool = ParameterPool(config)
+        self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
-    # ------------------------------------------------------------------ one step
-    def step(self, h: torch.Tensor, s: int, static: bool, token_mask: torch.Tensor | None = None,
-             token: torch.Tensor | None = None):
-        """(n, d) state → (n, d) new state, (n,) halting probability. `token`: (n, d) normed embeddings."""
-        x = self.norm(h)
-        query_input = x + self.step_embedding[s] if token is None else x + token + self.step_embedding[s]
-        r = self.pool(self.schedule[s], query_input, x, static=static, token_mask=token_mask)
-        h_new = h + torch.sigmoid(self.gate(x)) * r
-        if self.use_act and s + 1 >= self.min_steps:
-            p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
-        else:  # the halting head is not consulted before the floor (or at all without ACT)
-            p = h_new.new_zeros(h_new.shape[0], dtype=torch.float32)
-        return h_new, p
+    def read(self, x, s, rows, token, static, token_mask):
+        """Gated pool read for the rows' normalised states x (m, d)."""
+        query = x + self.step_embedding[s] if token is None else x + token + self.step_embedding[s]
+        r = self.pool[0](self.schedule[s], query, x, static=static, token_mask=token_mask)  # (m, d)
+        return torch.sigmoid(self.gate(x)) * r
+
+    def forward(self, h, s, rows, token, static, token_mask, ctx=None):
+        """h (m, d) → (m, d). rows (m,) flat indices of the rows (used by the block step)."""
+        return h + self.read(self.norm(h), s, rows, token, static, token_mask)
+
+    def finish(self, h_full, stale, steps_done, ctx) -> None:
+        """Called once the driver stops (the block step fills the remaining cache layers)."""
+
+
+class BlockStep(TokenStep):
+    """A shared pre-norm block, attention + pool read as its MLP, iterated once per step."""
+
+    needs_context = True
+
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
+        super().__init__(config, pool, norm_cls)
+        d = config.hidden_size
+        self.attn_norm = norm_cls(d, eps=config.rms_norm_eps)
+        self.attn = attention_cls(config, layer_idx=config.num_hidden_layers)
+        self.max_steps = config.loop_max_steps
+
+    def forward(self, h, s, rows, token, static, token_mask, ctx: LoopContext = None):
+        kv = ctx.kv
+        # 1. keys / values at depth s: recompute the rows whose state changed since the last step
+        #    (running or just halted); halted rows keep theirs (their deepest state).
+        self._refresh_kv(kv, ctx)
+        keys, values = kv["k"], kv["v"]  # (B·T, kvH, hd)
+        B, T = ctx.batch, ctx.length
+        k = keys.view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, kvH, T, hd)
+        v = values.view(B, T, *values.shape[1:]).transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
+        # 2. queries of the processed rows only, laid out densely for the attention kernel
+        x = self.attn_norm(h)  # (m, d)
+        q_rows = self.attn.queries(x, ctx.cos[rows], ctx.sin[rows])  # (m, H, hd)
+        q = q_rows.new_zeros(B * T, *q_rows.shape[1:]).index_copy(0, rows, q_rows)
+        q = q.view(B, T, *q_rows.shape[1:]).transpose(1, 2)  # (B, H, T, hd)
+        out, _ = self.attn.attend(q, k, v, ctx.attention_mask)  # (B, T, H·hd)
+        h = h + self.attn.o_proj(out.reshape(B * T, -1)[rows])
+        # 3. the pool read is the block's MLP
+        return h + self.read(self.norm(h), s, rows, token, static, token_mask)
+
+    def _refresh_kv(self, kv: dict, ctx: LoopContext) -> None:
+        stale = kv["stale"]  # (r,) flat rows whose state changed
+        if stale.numel() == 0 and kv["k"] is not None:
+            return
+        x = self.attn_norm(kv["state"][stale])
+        k_new, v_new = self.attn.keys_values(x, ctx.cos[stale], ctx.sin[stale])  # (r, kvH, hd)
+        if kv["k"] is None:
+            kv["k"], kv["v"] = k_new, v_new  # first step: every row is stale, in row order
+        else:
+            kv["k"] = kv["k"].index_copy(0, stale, k_new)
+            kv["v"] = kv["v"].index_copy(0, stale, v_new)
+        kv["stale"] = stale[:0]
+
+    def finish(self, h_full, stale, steps_done, ctx: LoopContext) -> None:
+        """With a cache, steps the batch did not run still need every token's keys at that depth:
+        its deepest state's, computed once."""
+        if ctx.cache is None or steps_done >= self.max_steps:
+            return
+        kv = ctx.kv
+        kv["state"], kv["stale"] = h_full, stale
+        self._refresh_kv(kv, ctx)
+        B, T = ctx.batch, ctx.length
+        k = kv["k"].view(B, T, *kv["k"].shape[1:]).transpose(1, 2)
+        v = kv["v"].view(B, T, *kv["v"].shape[1:]).transpose(1, 2)
+        for s in range(steps_done, self.max_steps):
+            _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
+
+
+def _cache_update(cache, k, v, layer: int):
+    """Append k, v to cache layer `layer`, adding dynamic layers past the controller's ones (a
+    DynamicCache built from the config has exactly num_hidden_layers)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and len(layers) <= layer:
+        if getattr(cache, "layer_class_to_replicate", None) is None:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+
+            if not isinstance(cache, DynamicCache):
+                raise ValueError(
+                    f"loop_step='block' keeps one cache layer per reasoning step; {type(cache).__name__} has a fixed "
+                    "number of layers. Use the default DynamicCache (cache_implementation='dynamic')."
+                )
+            while len(layers) <= layer:
+                layers.append(DynamicLayer())
+    return cache.update(k, v, layer)
+
+
+STEP_KINDS: dict[str, type[TokenStep]] = {"token": TokenStep, "block": BlockStep}
+
+
+# ---------------------------------------------------------------------------- the loop
+class ReasoningLoop(nn.Module):
+    def __init__(self, config: DPSNRConfig, norm_cls: type[nn.Module], attention_cls: type[nn.Module] | None = None):
+        super().__init__()
+        self.config = config
+        self.max_steps = config.loop_max_steps
+        self.pool = ParameterPool(config)
+        self.step = STEP_KINDS[config.loop_step](config, self.pool, norm_cls, attention_cls)
+        self.policy: HaltingPolicy = build_policy(config)
 
     def forward(
         self,
@@ -78,21 +189,27 @@ class ReasoningLoop(nn.Module):
         token_mask: torch.Tensor | None,
         static: bool,
         token_embeddings: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
     ) -> LoopOutput:
-        """hidden_states, token_embeddings (B, T, d); token_mask (B, T) bool, False for padding (or None)."""
+        """hidden_states, token_embeddings (B, T, d); token_mask (B, T) bool, False for padding (or
+        None); position_embeddings (cos, sin) (B, T, hd), attention_mask and cache: for the block step."""
         B, T, d = hidden_states.shape
         h = hidden_states.reshape(B * T, d)
         mask = None if token_mask is None else token_mask.reshape(B * T)
         token = None
-        if self.token_norm is not None:
+        if self.step.token_norm is not None:
             if token_embeddings is None:
                 raise ValueError("pool_query_input='state+token' needs the token embeddings of the input.")
-            token = self.token_norm(token_embeddings.reshape(B * T, d))  # (B·T, d)
-        if static:
-            out = self._static(h, mask, token)
-        else:
-            out = self._eager(h, mask, token)
-        hidden, steps, probs, ponder = out
+            token = self.step.token_norm(token_embeddings.reshape(B * T, d))  # (B·T, d)
+        ctx = None
+        if self.step.needs_context:
+            cos, sin = position_embeddings
+            cos = cos.expand(B, T, -1).reshape(B * T, -1)
+            sin = sin.expand(B, T, -1).reshape(B * T, -1)
+            ctx = LoopContext(B, T, cos, sin, attention_mask, cache, self.config.num_hidden_layers)
+        hidden, steps, probs, ponder = (self._static if static else self._eager)(h, mask, token, ctx)
         return LoopOutput(
             hidden_states=hidden.view(B, T, d),
             steps=steps.view(B, T),
@@ -101,35 +218,47 @@ class ReasoningLoop(nn.Module):
         )
 
     # ------------------------------------------------------------------ eager: running tokens only
-    def _eager(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None):
+    def _eager(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx):
         n, d = h0.shape
         S = self.max_steps
         device = h0.device
+        policy, step = self.policy, self.step
         running = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(-1)  # (m,)
-        h = h0[running]  # (m, d) state of running tokens
+        h = h0[running]  # (m, d) state of the running tokens
         tok = None if token is None else token[running]  # (m, d)
-        acc = torch.zeros_like(h)  # (m, d) Σ α_s h_s so far
-        cum = h.new_zeros(h.shape[0], dtype=torch.float32)  # (m,) c_{s-1}
-        done_idx, done_acc, done_ponder, done_steps = [], [], [], []
+        acc = torch.zeros_like(h)  # (m, d) Σ w_s h_s so far
+        state = policy.start(h.shape[0], h)
+        full = h0  # (n, d) every token's deepest state (block step: the keys' source)
+        if ctx is not None:
+            ctx.kv = {"k": None, "v": None, "state": full, "stale": torch.arange(n, device=device)}
+        done_idx, done_acc, done_cost, done_steps = [], [], [], []
         prob_idx, prob_step, prob_val = [], [], []
+        steps_done = 0
         for s in range(S):
             if running.numel() == 0:
                 break
-            h_new, p = self.step(h, s, static=False, token=tok)
-            halts = (cum + p >= self.threshold) if s < S - 1 else torch.ones_like(p, dtype=torch.bool)
-            alpha = torch.where(halts, 1.0 - cum, p)  # (m,)
-            acc = acc + alpha.unsqueeze(-1).to(h_new.dtype) * h_new
+            steps_done = s + 1
+            h_new = policy.scale_update(s, h, step(h, s, running, tok, False, None, ctx), state)
+            dec, state = policy.decide(s, h_new, state)
+            acc = acc + dec.weight.unsqueeze(-1).to(h_new.dtype) * h_new
             prob_idx.append(running)
             prob_step.append(torch.full_like(running, s))
-            prob_val.append(p)
+            prob_val.append(dec.prob)
+            halts = dec.halts
+            if ctx is not None:
+                full = full.index_copy(0, running, h_new)
+                ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
             if halts.any():
                 done_idx.append(running[halts])
                 done_acc.append(acc[halts])
-                done_ponder.append((s + 1) + (1.0 - cum[halts]))
+                done_cost.append(dec.cost[halts] if dec.cost is not None else h.new_zeros(int(halts.sum()), dtype=torch.float32))
                 done_steps.append(torch.full_like(running[halts], s + 1))
             keep = ~halts
-            running, h, acc, cum = running[keep], h_new[keep], acc[keep], (cum + p)[keep]
+            running, h, acc = running[keep], h_new[keep], acc[keep]
+            state = {k: v[keep] for k, v in state.items()}
             tok = None if tok is None else tok[keep]
+        if ctx is not None:
+            step.finish(full, ctx.kv["stale"], steps_done, ctx)
 
         hidden = h0 if mask is not None else h0.new_zeros(n, d)  # padding keeps its state (index_copy is out of place)
         steps = torch.zeros(n, dtype=torch.long, device=device)
@@ -138,35 +267,41 @@ class ReasoningLoop(nn.Module):
         if done_idx:
             idx = torch.cat(done_idx)
             hidden = hidden.index_copy(0, idx, torch.cat(done_acc))
-            ponder = ponder.index_copy(0, idx, torch.cat(done_ponder))
+            ponder = ponder.index_copy(0, idx, torch.cat(done_cost))
             steps = steps.index_copy(0, idx, torch.cat(done_steps))
             probs = probs.index_put((torch.cat(prob_idx), torch.cat(prob_step)), torch.cat(prob_val))
         return hidden, steps, probs, ponder
 
     # ------------------------------------------------------------------ static: all tokens, masks
-    def _static(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None):
+    def _static(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx):
         n, d = h0.shape
         S = self.max_steps
+        policy, step = self.policy, self.step
+        rows = torch.arange(n, device=h0.device)
         running = torch.ones(n, dtype=torch.bool, device=h0.device) if mask is None else mask.clone()
         h = h0
         acc = torch.zeros_like(h0)
-        cum = h0.new_zeros(n, dtype=torch.float32)
+        state = policy.start(n, h0)
         steps = torch.zeros(n, dtype=torch.long, device=h0.device)
         ponder = h0.new_zeros(n, dtype=torch.float32)
         probs = []
+        if ctx is not None:
+            ctx.kv = {"k": None, "v": None, "state": h0, "stale": rows}
         for s in range(S):
-            h_new, p = self.step(h, s, static=True, token_mask=running, token=token)
-            p = torch.where(running, p, torch.zeros_like(p))
-            last = s == S - 1
-            halts = running & ((cum + p >= self.threshold) | last)
-            alpha = torch.where(halts, 1.0 - cum, p)  # 0 for tokens already halted (p masked)
-            acc = acc + alpha.unsqueeze(-1).to(h_new.dtype) * h_new
-            ponder = torch.where(halts, (s + 1) + (1.0 - cum), ponder)
+            h_new = policy.scale_update(s, h, step(h, s, rows, token, True, running, ctx), state)
+            dec, new_state = policy.decide(s, h_new, state, valid=running)
+            halts = running & dec.halts
+            weight = torch.where(running, dec.weight, torch.zeros_like(dec.weight))
+            acc = acc + weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            if dec.cost is not None:
+                ponder = torch.where(halts, dec.cost, ponder)
             steps = steps + running.long()
-            probs.append(p)
-            cum = torch.where(running & ~halts, cum + p, cum)
+            probs.append(torch.where(running, dec.prob, torch.zeros_like(dec.prob)))
+            state = {k: torch.where(running, new_state[k], v) for k, v in state.items()}
             h = torch.where(running.unsqueeze(-1), h_new, h)
             running = running & ~halts
+            if ctx is not None:
+                ctx.kv["state"], ctx.kv["stale"] = h, rows
         hidden = acc if mask is None else torch.where(mask.unsqueeze(-1), acc, h0)
         return hidden, steps, torch.stack(probs, dim=-1), ponder
 

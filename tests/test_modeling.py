@@ -72,7 +72,7 @@ def test_left_padding_matches_unpadded_sequences():
 def test_save_load_round_trip_keeps_every_tensor(tmp_path):
     model = tiny_model()
     with torch.no_grad():  # make loaded values distinguishable from any initialisation
-        model.model.loop.halt.bias.fill_(1.234)
+        model.model.loop.policy.halt.bias.fill_(1.234)
         model.pool["knowledge"].v[0].fill_(7.0)
         model.pool["grammar"].retriever.sub_keys1.mul_(3.0)
     model.save_pretrained(tmp_path)

@@ -1,12 +1,14 @@
-"""The ACT loop: arithmetic as Graves (2016) states it, eager == static, compute follows halting."""
+"""The reasoning loop: ACT arithmetic as Graves (2016) states it, every halting policy and step kind
+eager == static, compute follows halting, the block step is causal and decodes from its cache."""
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import tiny_config, tiny_model
 
-
-
+POLICIES = ["act", "fixed", "threshold"]
+STEPS = ["token", "block"]
 
 def _act_reference(p_row, eps, max_steps, min_steps=1):
     cum, alpha = 0.0, []
@@ -30,12 +32,20 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
     model = tiny_model(loop_max_steps=4, loop_halt_epsilon=0.01, pool_query_input="state")
     loop = model.model.loop
 
-    def step(h, s, static, token_mask=None, token=None):
-        # identify tokens by their state's first coordinate (h0 = token id, +1 per step)
-        ids = (h[:, 0] - s).round().long()
-        return h + 1.0, probs[ids, s]
+    class Step(torch.nn.Module):  # every step adds 1 to the state
+        needs_context, token_norm = False, None
 
-    monkeypatch.setattr(loop, "step", step)
+        def forward(self, h, s, rows, token, static, token_mask, ctx=None):
+            return h + 1.0
+
+    class Halt(torch.nn.Module):  # logit of the scripted p for (token, step), read off the state
+        def forward(self, h):
+            s = h[:, 1].round().long() - 1  # h_s[1] = s (1-based)
+            ids = (h[:, 0] - h[:, 1]).round().long()  # h_s[0] = token id + s
+            return torch.logit(probs[ids, s].double()).float().unsqueeze(-1)
+
+    monkeypatch.setattr(loop, "step", Step())
+    monkeypatch.setattr(loop.policy, "halt", Halt())
     h0 = torch.zeros(1, 4, loop.config.hidden_size)
     h0[0, :, 0] = torch.arange(4).float()
     out = loop(h0, None, static=static)
@@ -52,26 +62,36 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
 
 
 def _varied_halting_model(loop_mode="auto", **overrides):
+    """A model whose tokens halt after different numbers of steps, whatever the policy."""
     model = tiny_model(loop_halt_bias_init=0.0, execution={"loop_mode": loop_mode}, **overrides)
-    torch.nn.init.normal_(model.model.loop.halt.weight, std=0.5)  # tokens halt after 1..4 steps
+    policy = model.model.loop.policy
+    with torch.no_grad():
+        if hasattr(policy, "halt"):
+            torch.nn.init.normal_(policy.halt.weight, std=0.5)  # ACT: tokens halt after 1..4 steps
+        if hasattr(policy, "router"):
+            torch.nn.init.normal_(policy.router.weight, std=0.5)  # routing: scores spread around τ = 0
     return model
 
 
-def test_eager_and_static_modes_agree_including_gradients():
-    eager = _varied_halting_model(loop_mode="eager")
-    static = _varied_halting_model(loop_mode="static")
+@pytest.mark.parametrize("step_kind", STEPS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_eager_and_static_modes_agree_including_gradients(policy, step_kind):
+    eager = _varied_halting_model(loop_mode="eager", loop_halting=policy, loop_step=step_kind)
+    static = _varied_halting_model(loop_mode="static", loop_halting=policy, loop_step=step_kind)
     static.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 97, (3, 12))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding in one row
-    outs = [m(ids, attention_mask=mask, labels=ids) for m in (eager, static)]
+    outs = [m.train()(ids, attention_mask=mask, labels=ids) for m in (eager, static)]
     steps = outs[0].reasoning_steps
-    assert len(steps[mask.bool()].unique()) > 1, "test needs tokens that halt at different steps"
+    if policy != "fixed":
+        assert len(steps[mask.bool()].unique()) > 1, "test needs tokens that halt at different steps"
     for key in ("reasoning_steps", "halting_probs", "active_params"):
         torch.testing.assert_close(outs[0][key], outs[1][key])
     keep = mask.bool()
     torch.testing.assert_close(outs[0].logits[keep], outs[1].logits[keep], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs[0].ponder_loss, outs[1].ponder_loss)
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-5, rtol=1e-5)
     for o in outs:
         o.loss.backward()
     for (name, pe), (_, ps) in zip(eager.named_parameters(), static.named_parameters()):
@@ -79,10 +99,14 @@ def test_eager_and_static_modes_agree_including_gradients():
         ge = pe.grad if pe.grad is not None else torch.zeros_like(pe)
         gs = ps.grad if ps.grad is not None else torch.zeros_like(ps)
         torch.testing.assert_close(ge, gs, atol=1e-5, rtol=1e-4, msg=name)
+    for (name, be), (_, bs) in zip(eager.named_buffers(), static.named_buffers()):  # routing thresholds, balance
+        torch.testing.assert_close(be, bs, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_compute_follows_halting_in_eager_mode(monkeypatch):
-    model = _varied_halting_model(loop_mode="eager").eval()
+@pytest.mark.parametrize("step_kind", STEPS)
+@pytest.mark.parametrize("policy", ["act", "threshold"])
+def test_compute_follows_halting_in_eager_mode(monkeypatch, policy, step_kind):
+    model = _varied_halting_model(loop_mode="eager", loop_halting=policy, loop_step=step_kind).eval()
     pool = model.model.loop.pool
     rows_per_step = []
     original = pool.forward
@@ -105,11 +129,13 @@ def test_compute_follows_halting_in_eager_mode(monkeypatch):
     assert (steps[1, :3] == 0).all()
 
 
-def test_min_steps_floor():
-    model = _varied_halting_model(loop_min_steps=3)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_step_counts_respect_min_and_max(policy):
+    model = _varied_halting_model(loop_min_steps=3, loop_halting=policy).eval()
     out = model(torch.randint(0, 97, (2, 9)))
-    assert (out.reasoning_steps >= 3).all()
-    assert (out.halting_probs[..., :2] == 0).all()
+    assert (out.reasoning_steps >= 3).all() and (out.reasoning_steps <= 4).all()
+    if policy == "act":
+        assert (out.halting_probs[..., :2] == 0).all()
 
 
 def test_untrained_model_runs_most_steps_and_trains_every_partition():
@@ -125,12 +151,14 @@ def test_untrained_model_runs_most_steps_and_trains_every_partition():
         r = part.retriever
         for p in (r.query.weight, r.sub_keys1, r.sub_keys2):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert loop.halt.weight.grad.abs().sum() > 0 and loop.halt.bias.grad.abs().sum() > 0
-    assert loop.gate.weight.grad.abs().sum() > 0
+    assert loop.policy.halt.weight.grad.abs().sum() > 0 and loop.policy.halt.bias.grad.abs().sum() > 0
+    assert loop.step.gate.weight.grad.abs().sum() > 0
 
 
-def test_without_act_every_token_runs_all_steps_and_no_ponder_term():
-    model = tiny_model(loop_halting="none")
+@pytest.mark.parametrize("name", ["fixed", "none"])  # "none": the name configs saved before the registry carry
+def test_fixed_steps_run_every_step_and_add_no_ponder_term(name):
+    model = tiny_model(loop_halting=name)
+    assert model.config.loop_halting == "fixed"
     ids = torch.randint(0, 97, (2, 8))
     out = model(ids, labels=ids)
     assert (out.reasoning_steps == model.config.loop_max_steps).all()
@@ -145,7 +173,7 @@ def test_loss_is_lm_plus_weighted_ponder():
     # the ponder term is differentiable (through the remainder R) and reaches the halting head
     model.zero_grad()
     out.ponder_loss.backward()
-    assert model.model.loop.halt.bias.grad.abs() > 0
+    assert model.model.loop.policy.halt.bias.grad.abs() > 0
 
 
 def test_ponder_and_lm_loss_scale_together_under_gradient_accumulation():
@@ -159,3 +187,97 @@ def test_ponder_and_lm_loss_scale_together_under_gradient_accumulation():
     parts = [model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=torch.tensor(n_items)) for i in (0, 2)]
     torch.testing.assert_close(parts[0].lm_loss + parts[1].lm_loss, full.lm_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts[0].ponder_loss + parts[1].ponder_loss, full.ponder_loss, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- threshold routing
+def test_threshold_routing_reaches_its_capacity_and_its_router_learns_from_the_loss():
+    model = tiny_model(loop_halting="threshold", loop_capacity=[1.0, 0.6, 0.5, 0.4], loop_threshold_momentum=1.0).train()
+    ids = torch.randint(0, 97, (4, 16))
+    out = model(ids, labels=ids)
+    # τ_s is the batch quantile (momentum 1): the shares reaching each step are the capacities
+    reached = [(out.reasoning_steps >= s + 1).float().mean().item() for s in range(4)]
+    assert reached == pytest.approx([1.0, 0.6, 0.5, 0.4], abs=0.04)
+    out.loss.backward()
+    router = model.model.loop.policy.router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    # the router only scales the gradient: in the forward each step's update is unchanged
+    fixed = tiny_model(loop_halting="fixed").eval()
+    fixed.load_state_dict(model.state_dict(), strict=False)
+    model.eval()
+    a, b = model(ids[:1, :6]), fixed(ids[:1, :6])
+    if (a.reasoning_steps == 4).all():
+        torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_threshold_routing_is_causal_at_inference():
+    model = _varied_halting_model(loop_halting="threshold").eval()
+    ids = torch.randint(0, 97, (2, 12))
+    base = model(ids)
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    out = model(changed)
+    torch.testing.assert_close(out.logits[:, :7], base.logits[:, :7])
+    assert torch.equal(out.reasoning_steps[:, :7], base.reasoning_steps[:, :7])
+
+
+# ---------------------------------------------------------------------------- block step
+@pytest.mark.parametrize("policy", POLICIES)
+def test_block_step_is_causal(policy):
+    model = _varied_halting_model(loop_step="block", loop_halting=policy).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    base = model(ids)
+    for t in (0, 6, 11):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        out = model(changed)
+        torch.testing.assert_close(out.logits[:, :t], base.logits[:, :t])
+        assert torch.equal(out.reasoning_steps[:, :t], base.reasoning_steps[:, :t])
+        assert not torch.allclose(out.logits[:, t:], base.logits[:, t:])
+
+
+def test_block_step_attends_to_the_sequence_at_each_depth():
+    """With no prelude blocks the loop starts from the embeddings: a token step's output at t
+    depends on token t alone, a block step's also on the tokens before it."""
+    def loop_output(model, ids):
+        seen = {}
+        hook = model.model.loop.register_forward_hook(lambda m, a, o: seen.update(h=o.hidden_states))
+        model(ids)
+        hook.remove()
+        return seen["h"][0, 5]
+
+    ids = torch.randint(0, 97, (1, 8))
+    changed = ids.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 97
+    for kind, mixes in (("block", True), ("token", False)):
+        model = tiny_model(loop_step=kind, num_prelude_layers=0, loop_halting="fixed").eval()
+        assert torch.allclose(loop_output(model, ids), loop_output(model, changed)) != mixes, kind
+
+
+@pytest.mark.parametrize("loop_mode", ["eager", "static"])
+@pytest.mark.parametrize("policy", ["act", "threshold"])
+def test_block_step_cached_decoding_equals_uncached_with_tokens_halting_at_different_depths(policy, loop_mode):
+    model = _varied_halting_model(loop_mode=loop_mode, loop_step="block", loop_halting=policy).eval()
+    ids = torch.randint(0, 97, (2, 11))
+    full = model(ids, use_cache=False)
+    assert len(full.reasoning_steps.unique()) > 1, "test needs tokens that halt at different depths"
+    cache = DynamicCache(config=model.config)
+    out = model(ids[:, :5], cache=cache, use_cache=True)
+    logits, steps = [out.logits], [out.reasoning_steps]
+    for t in range(5, 11):
+        out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        logits.append(out.logits)
+        steps.append(out.reasoning_steps)
+    assert torch.equal(torch.cat(steps, 1), full.reasoning_steps)
+    torch.testing.assert_close(torch.cat(logits, 1), full.logits, atol=1e-5, rtol=1e-4)
+    # one cache layer per controller block and per reasoning step
+    assert len(cache.layers) == model.config.num_hidden_layers + model.config.loop_max_steps
+
+
+def test_block_step_greedy_generate_equals_manual_argmax():
+    model = _varied_halting_model(loop_step="block", loop_halting="act").eval()
+    ids = torch.randint(0, 97, (2, 5))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    manual = ids
+    for _ in range(6):
+        manual = torch.cat([manual, model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, manual)

@@ -213,7 +213,7 @@ class DPSNRTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if core.training and outputs.lm_loss is not None and self._in_ponder_warmup():
             cfg = core.config
-            if cfg.loop_halting == "act" and cfg.loop_ponder_weight > 0:  # else the loss is the LM loss already
+            if core.model.loop.policy.has_loss and cfg.loop_ponder_weight > 0:  # else the loss is the LM loss already
                 # Keep the factor the Trainer applied to the model's loss (× processes under DDP with
                 # average_tokens_across_devices; in place, so `outputs.loss` carries it too), or DDP
                 # would take half-size steps during the warmup. The model's own loss, unscaled:
