@@ -142,7 +142,8 @@ class DPSNRConfig(PreTrainedConfig):
             tokens that reach each step: non-increasing, 1.0 for the first `loop_min_steps` steps;
             the mean number of steps is its sum. Derived: 1, then 0.6 falling linearly to 0.4
             (4 steps: 1, 0.6, 0.5, 0.4 → 2.5 steps on average).
-        loop_threshold_momentum (`float`, 0.05): EMA rate of the routing thresholds (training mode).
+        loop_threshold_momentum (`float`, 0.2): EMA rate of the inference thresholds of "threshold" routing
+            (each training batch routes at its own quantile and folds it into the EMA).
 
     Coordinate indexer (used when `pool_retrieval="coordinate"`):
         indexer_hidden_size (`int`, 256): hidden width of the indexer MLP.
@@ -205,7 +206,7 @@ class DPSNRConfig(PreTrainedConfig):
     loop_ponder_weight: float = 0.01
     loop_halt_bias_init: float = -2.2
     loop_capacity: list[float] | None = None
-    loop_threshold_momentum: float = 0.05
+    loop_threshold_momentum: float = 0.2
     # coordinate indexer
     indexer_hidden_size: int = 256
     indexer_window: int = 16

@@ -15,8 +15,9 @@ that the drivers compact or mask along with the rows.
       "threshold"  routed capacity (Mixture-of-Depths / Mixture-of-Recursions, Raposo et al. 2024,
                    Bae et al. 2025) with a causal threshold instead of a top-k over the sequence
                    (expert-threshold routing): after step s a router scores each token; it continues
-                   when its score beats τ_s, an EMA of the batch quantile that lets a fraction
-                   c_{s+1}/c_s of step s's tokens through (`loop_capacity`). Output h_N. The next
+                   when its score beats the quantile that lets a fraction c_{s+1}/c_s of step s's
+                   tokens through (`loop_capacity`): the batch's own quantile in training, τ_s, an
+                   EMA of those quantiles, at inference (a per-token, causal test). Output h_N. The next
                    step's update is multiplied by σ(g − τ)/sg[σ(g − τ)] — 1 in the forward, so the
                    router never changes what a token computes, while its gradient is the
                    alignment of the update with the loss gradient: "did this step help?"
@@ -109,7 +110,8 @@ class ThresholdRouting(HaltingPolicy):
         self.register_buffer("pass_rate", capacity[1:] / capacity[:-1], persistent=False)
         self.momentum = config.loop_threshold_momentum
         self.norm = nn.LayerNorm(config.hidden_size, elementwise_affine=False, eps=config.rms_norm_eps)
-        self.router = nn.Linear(config.hidden_size, max(1, self.max_steps - 1))  # one score per decision
+        # One score per decision; no bias: a shared shift of every score carries no routing information.
+        self.router = nn.Linear(config.hidden_size, max(1, self.max_steps - 1), bias=False)
         self.register_buffer("thresholds", torch.zeros(max(1, self.max_steps - 1)))  # τ_s
         self.register_buffer("calibrated", torch.zeros(max(1, self.max_steps - 1), dtype=torch.bool))
 
@@ -127,8 +129,12 @@ class ThresholdRouting(HaltingPolicy):
             return Decision(last, last.float(), zeros + 1.0, None), state
         g = self.router(self.norm(h_new))[:, s].float()  # (m,) score for continuing into step s + 1
         if self.training:
-            self._calibrate(s, g.detach(), valid)
-        margin = g - self.thresholds[s]
+            # Training routes at this batch's own quantile (exact capacity, as Mixture-of-Depths'
+            # top-k, without its lag); inference at the EMA of those quantiles, a per-token test.
+            threshold = self._calibrate(s, g.detach(), valid)
+        else:
+            threshold = self.thresholds[s]
+        margin = g - threshold
         forced = s + 1 < self.min_steps
         halts = torch.zeros_like(last) if forced else margin <= 0
         gate = torch.sigmoid(margin)
@@ -136,9 +142,10 @@ class ThresholdRouting(HaltingPolicy):
         return Decision(halts, halts.float(), 1.0 - gate.detach(), None), {"scale": scale}
 
     @torch.no_grad()
-    def _calibrate(self, s: int, g: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """τ_s ← EMA of the score quantile that passes `pass_rate[s]` of the rows deciding here.
-        Sort-based with masked rows at +inf, so it needs no boolean indexing (no host sync)."""
+    def _calibrate(self, s: int, g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The score quantile that passes `pass_rate[s]` of the rows deciding here (linear
+        interpolation); folds it into the EMA τ_s and returns it. Sort-based with masked rows at
+        +inf, so it needs no boolean indexing (no host sync)."""
         count = g.new_tensor(g.shape[0]) if valid is None else valid.sum().float()
         if valid is not None:
             g = torch.where(valid, g, torch.full_like(g, float("inf")))
@@ -147,12 +154,13 @@ class ThresholdRouting(HaltingPolicy):
         lo = pos.floor().long().clamp(max=max(g.shape[0] - 1, 0))
         hi = (lo + 1).clamp(max=(count.long() - 1).clamp(min=0))
         frac = pos - pos.floor()
-        q = ranked.gather(0, lo.view(1)) * (1 - frac) + ranked.gather(0, hi.view(1)) * frac
-        q = q.squeeze(0)
-        momentum = torch.where(self.calibrated[s], torch.tensor(self.momentum, device=g.device), torch.ones((), device=g.device))
+        q = (ranked.gather(0, lo.view(1)) * (1 - frac) + ranked.gather(0, hi.view(1)) * frac).squeeze(0)
         has_rows = count > 0
-        self.thresholds[s] = torch.where(has_rows, self.thresholds[s] + momentum * (q - self.thresholds[s]), self.thresholds[s])
+        q = torch.where(has_rows, q, self.thresholds[s])
+        momentum = torch.where(self.calibrated[s], torch.tensor(self.momentum, device=g.device), torch.ones((), device=g.device))
+        self.thresholds[s] = self.thresholds[s] + momentum * (q - self.thresholds[s])
         self.calibrated[s] = self.calibrated[s] | has_rows
+        return q
 
 
 POLICIES: dict[str, type[HaltingPolicy]] = {

@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_dpsnr import DPSNRConfig
+from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_tracing
 from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
 from .halting import ThresholdRouting
@@ -295,6 +296,17 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
     # torch.compile(fullgraph=True) and torch.export trace the static loop driver (ExecutionPlan
     # loop_mode "auto" picks it while tracing); tests/test_export.py checks both against eager.
     _can_compile_fullgraph = True
+
+    # ------------------------------------------------------------------ cost model (cost.py)
+    def estimate_flops(self, steps: float | None = None, context: float | None = None, training: bool = False) -> float:
+        """FLOPs per token at `steps` mean reasoning steps (default: the maximum) and `context` keys
+        per query (default: half the trained context); × 3 for a training step. See cost.py."""
+        return flops_per_token(self.config, steps, context, training)
+
+    def estimate_pool_bytes(self, steps: float | None = None) -> float:
+        """Pool bytes one token reads (entry rows + scored sub-keys) at the tables' dtype."""
+        tables = self.base_model.loop.pool.entry_parameters()
+        return pool_bytes_per_token(self.config, steps, tables[0].element_size() if tables else 4)
 
     # ------------------------------------------------------------------ execution (not architecture)
     @property

@@ -281,3 +281,19 @@ def test_block_step_greedy_generate_equals_manual_argmax():
     for _ in range(6):
         manual = torch.cat([manual, model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, manual)
+
+
+# ---------------------------------------------------------------------------- cost model
+def test_cost_model_grows_with_steps_only_through_the_loop_and_counts_a_dense_block_like_llama():
+    from modeling_dpsnr.cost import block_macs, forward_macs
+
+    model = tiny_model(loop_step="block")
+    c = model.config
+    one, four = forward_macs(c, steps=1, context=10), forward_macs(c, steps=4, context=10)
+    assert one["controller"] == four["controller"] and one["lm_head"] == four["lm_head"]
+    torch.testing.assert_close(torch.tensor(four["loop"] - one["loop"]), torch.tensor(3 * one["loop"]), rtol=0.05, atol=0)
+    # a controller block: 4 d² attention projections (d = H·hd here, GQA halves k and v) + QKᵀ·V + 3·d·I
+    d, hd, i = c.hidden_size, c.attention_head_dim, c.intermediate_size
+    assert block_macs(d, 4, 2, hd, i, 10) == d * d * 2 + d * 2 * hd * 2 + 2 * 4 * hd * 10 + 3 * d * i
+    assert model.estimate_flops(steps=2, context=10, training=True) == 3 * 2 * forward_macs(c, 2, 10)["total"]
+    assert model.estimate_pool_bytes(steps=2) == 2 * model.estimate_pool_bytes(steps=1)
