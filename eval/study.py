@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "study"
+RESULTS = Path(os.environ.get("DPSNR_STUDY_RESULTS", Path(__file__).resolve().parent / "results" / "study"))
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DPSNR_STUDY_CACHE", Path.home() / ".cache" / "dpsnr-study"))
 MAIN_JOB_TOKENS = 716_800
