@@ -20,7 +20,8 @@ logger = logging.get_logger(__name__)
 
 POOL_RETRIEVALS = ("product_key", "exhaustive", "coordinate")
 POOL_ENTRIES = ("neuron", "value")
-POOL_QUERY_NORMS = ("rms", "layer")
+POOL_QUERY_NORMS = ("rms", "layer", "running")
+POOL_KEY_NORMS = ("none", "unit")
 POOL_BALANCES = ("none", "bias")
 POOL_QUERY_INPUTS = ("state+token", "state")
 INDEXER_BALANCES = ("none", "quantile")
@@ -106,8 +107,11 @@ class DPSNRConfig(PreTrainedConfig):
             TinyStories: "state" reaches held-out ppl 242.8 with 1.0 mean steps and 0.46 % of
             knowledge rows read; "state+token" 86.8, 4.0 steps, 4.3 % (a dense Llama of the
             controller's size: 191.0).
-        pool_query_norm (`str`, "rms"): normalisation of each head's query before scoring
-            ("rms" or "layer"; BatchNorm is deliberately not offered: it leaks across positions).
+        pool_query_norm (`str`, "rms"): normalisation of each head's query before scoring: "rms",
+            "layer", or "running" (each dimension standardised with running statistics of earlier
+            training batches: BatchNorm's effect on usage without mixing the positions of a batch).
+        pool_query_norm_momentum (`float`, 0.05): EMA rate of the "running" query statistics.
+        pool_key_norm (`str`, "none"): "unit" scores queries against unit-norm sub-keys (qk-norm).
         pool_init_std (`float`, None → initializer_range): std of the entry tables at init.
         pool_balance (`str`, "none"): "bias" adds a per-sub-key selection bias that is nudged
             towards uniform usage during training without an auxiliary loss (the loss-free
@@ -192,6 +196,8 @@ class DPSNRConfig(PreTrainedConfig):
     pool_activation: str = "gelu"
     pool_query_input: str = "state+token"
     pool_query_norm: str = "rms"
+    pool_query_norm_momentum: float = 0.05
+    pool_key_norm: str = "none"
     pool_init_std: float | None = None
     pool_balance: str = "none"
     pool_balance_rate: float = 1e-3
@@ -317,6 +323,9 @@ class DPSNRConfig(PreTrainedConfig):
         _check_choice("pool_retrieval", self.pool_retrieval, POOL_RETRIEVALS)
         _check_choice("pool_entry", self.pool_entry, POOL_ENTRIES)
         _check_choice("pool_query_norm", self.pool_query_norm, POOL_QUERY_NORMS)
+        _check_choice("pool_key_norm", self.pool_key_norm, POOL_KEY_NORMS)
+        if not (isinstance(self.pool_query_norm_momentum, (int, float)) and 0.0 < self.pool_query_norm_momentum <= 1.0):
+            raise ValueError(f"pool_query_norm_momentum must be in (0, 1], got {self.pool_query_norm_momentum!r}.")
         _check_choice("pool_query_input", self.pool_query_input, POOL_QUERY_INPUTS)
         _check_choice("pool_balance", self.pool_balance, POOL_BALANCES)
         _check_positive_int("pool_heads", self.pool_heads)

@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_tracing
-from .pool import PoolPartition, ProductKeyRetriever, QueryNorm
+from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
 from .halting import ThresholdRouting
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
@@ -343,6 +343,11 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+            if isinstance(module, RunningQueryNorm):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.calibrated)
+                init.zeros_(module.pending)
         elif isinstance(module, DPSNRRotaryEmbedding):
             if module.rope_type == "default":
                 inv_freq, _ = module.compute_default_rope_parameters(module.config)

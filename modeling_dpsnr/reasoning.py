@@ -196,6 +196,7 @@ class ReasoningLoop(nn.Module):
         """hidden_states, token_embeddings (B, T, d); token_mask (B, T) bool, False for padding (or
         None); position_embeddings (cos, sin) (B, T, hd), attention_mask and cache: for the block step."""
         B, T, d = hidden_states.shape
+        self.pool.begin_forward()
         h = hidden_states.reshape(B * T, d)
         mask = None if token_mask is None else token_mask.reshape(B * T)
         token = None

@@ -159,3 +159,71 @@ def test_balance_bias_spreads_selection_without_changing_weights():
     r.eval()
     out = r(x[:3])
     assert torch.allclose(out.weights.sum(-1), torch.ones(3, cfg.pool_heads))
+
+
+# ---------------------------------------------------------------------------- query / key normalisation
+def _running_norm_model(**kw):
+    return tiny_model(pool_query_norm="running", pool_key_norm="unit", **kw)
+
+
+def test_running_query_norm_is_causal_in_training_and_at_inference():
+    """The statistics a batch is normalised with come from earlier batches only: changing token t
+    changes no retrieval (hence no logit) of an earlier token, in training mode too."""
+    ids, earlier = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    for mode in ("train", "eval"):
+        outs = []
+        for batch in (ids, changed):
+            model = _running_norm_model().train()
+            model(earlier)  # an earlier batch calibrates the statistics
+            model.train(mode == "train")
+            outs.append(model(batch).logits)
+        torch.testing.assert_close(outs[0][:, :7], outs[1][:, :7], msg=mode)
+        assert not torch.allclose(outs[0][:, 7:], outs[1][:, 7:])
+
+
+def test_running_query_norm_ignores_padding():
+    real = torch.randint(1, 97, (1, 8))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), real], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    a, b = _running_norm_model().train(), _running_norm_model().train()
+    for _ in range(2):  # the second forward folds the first one's statistics in
+        out_a = a(real, labels=real)
+        out_b = b(padded, attention_mask=mask)
+    torch.testing.assert_close(out_b.logits[:, 4:], out_a.logits, atol=1e-5, rtol=1e-4)
+    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        if "running" in name:
+            torch.testing.assert_close(x, y, msg=name)
+    norm = a.pool["knowledge"].retriever.query_norm
+    assert bool(norm.calibrated) and not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+
+
+@pytest.mark.parametrize("loop_step", ["token", "block"])
+def test_running_query_norm_eager_equals_static(loop_step):
+    models = []
+    for mode in ("eager", "static"):
+        m = _running_norm_model(loop_step=loop_step, loop_halt_bias_init=0.0, execution={"loop_mode": mode}).train()
+        torch.nn.init.normal_(m.model.loop.policy.halt.weight, std=0.5)
+        models.append(m)
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 97, (3, 10))
+    outs = [[m(ids, labels=ids) for _ in range(2)][-1] for m in models]
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-4)
+    for (name, x), (_, y) in zip(models[0].named_buffers(), models[1].named_buffers()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_unit_keys_make_scores_independent_of_key_norm():
+    torch.manual_seed(0)
+    cfg = tiny_config(pool_key_norm="unit", pool_size=200, pool_partitions={"p": 1.0})
+    r = ProductKeyRetriever(cfg, 200)
+    torch.nn.init.normal_(r.sub_keys1)
+    torch.nn.init.normal_(r.sub_keys2)
+    x = torch.randn(5, cfg.hidden_size)
+    before = r(x)
+    with torch.no_grad():
+        r.sub_keys1.mul_(torch.rand(r.sub_keys1.shape[:2]).unsqueeze(-1) * 10 + 0.1)  # rescale every key
+    after = r(x)
+    assert torch.equal(before.indices, after.indices)
+    torch.testing.assert_close(before.weights, after.weights)
