@@ -38,7 +38,8 @@ from .configuration_dpsnr import DPSNRConfig
 @dataclass
 class Decision:
     halts: torch.Tensor  # (m,) bool: the token's last step is this one
-    weight: torch.Tensor  # (m,) float32: weight of this step's state in the token's output
+    weight: torch.Tensor | None  # (m,) float32: weight of this step's state in the token's output;
+    #                              None: the output is the state of the halting step (weight 1 there, 0 before)
     prob: torch.Tensor  # (m,) float32: the halting probability reported in `halting_probs`
     cost: torch.Tensor | None  # (m,) float32: the policy's per-token loss term, counted where `halts`
 
@@ -99,7 +100,7 @@ class FixedSteps(HaltingPolicy):
     def decide(self, s, h_new, state, valid=None):
         halts = self._last(s, h_new)
         zeros = h_new.new_zeros(h_new.shape[0], dtype=torch.float32)
-        return Decision(halts, halts.float(), zeros, None), state
+        return Decision(halts, None, zeros, None), state
 
 
 class ThresholdRouting(HaltingPolicy):
@@ -126,7 +127,7 @@ class ThresholdRouting(HaltingPolicy):
         last = self._last(s, h_new)
         if s == self.max_steps - 1:
             zeros = h_new.new_zeros(h_new.shape[0], dtype=torch.float32)
-            return Decision(last, last.float(), zeros + 1.0, None), state
+            return Decision(last, None, zeros + 1.0, None), state
         g = self.router(self.norm(h_new))[:, s].float()  # (m,) score for continuing into step s + 1
         if self.training:
             # Training routes at this batch's own quantile (exact capacity, as Mixture-of-Depths'
@@ -139,7 +140,7 @@ class ThresholdRouting(HaltingPolicy):
         halts = torch.zeros_like(last) if forced else margin <= 0
         gate = torch.sigmoid(margin)
         scale = gate / gate.detach()  # 1 in the forward; the router's gradient path
-        return Decision(halts, halts.float(), 1.0 - gate.detach(), None), {"scale": scale}
+        return Decision(halts, None, 1.0 - gate.detach(), None), {"scale": scale}
 
     @torch.no_grad()
     def _calibrate(self, s: int, g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

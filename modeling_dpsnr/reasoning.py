@@ -225,14 +225,14 @@ class ReasoningLoop(nn.Module):
         device = h0.device
         policy, step = self.policy, self.step
         running = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(-1)  # (m,)
-        h = h0[running]  # (m, d) state of the running tokens
-        tok = None if token is None else token[running]  # (m, d)
-        acc = torch.zeros_like(h)  # (m, d) Σ w_s h_s so far
+        h = h0 if mask is None else h0[running]  # (m, d) state of the running tokens
+        tok = token if token is None or mask is None else token[running]  # (m, d)
+        acc = torch.zeros_like(h)  # (m, d) Σ w_s h_s so far (policies that weigh their steps)
         state = policy.start(h.shape[0], h)
         full = h0  # (n, d) every token's deepest state (block step: the keys' source)
         if ctx is not None:
             ctx.kv = {"k": None, "v": None, "state": full, "stale": torch.arange(n, device=device)}
-        done_idx, done_acc, done_cost, done_steps = [], [], [], []
+        done_idx, done_out, done_cost, done_steps = [], [], [], []
         prob_idx, prob_step, prob_val = [], [], []
         steps_done = 0
         for s in range(S):
@@ -241,7 +241,9 @@ class ReasoningLoop(nn.Module):
             steps_done = s + 1
             h_new = policy.scale_update(s, h, step(h, s, running, tok, False, None, ctx), state)
             dec, state = policy.decide(s, h_new, state)
-            acc = acc + dec.weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            if dec.weight is not None:
+                acc = acc + dec.weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            out = acc if dec.weight is not None else h_new  # (m, d) the output of a token halting now
             prob_idx.append(running)
             prob_step.append(torch.full_like(running, s))
             prob_val.append(dec.prob)
@@ -249,13 +251,16 @@ class ReasoningLoop(nn.Module):
             if ctx is not None:
                 full = full.index_copy(0, running, h_new)
                 ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
-            if halts.any():
-                done_idx.append(running[halts])
-                done_acc.append(acc[halts])
-                done_cost.append(dec.cost[halts] if dec.cost is not None else h.new_zeros(int(halts.sum()), dtype=torch.float32))
-                done_steps.append(torch.full_like(running[halts], s + 1))
+            if not bool(halts.any()):  # nobody halts: no gather, no scatter (and none in backward)
+                h = h_new
+                continue
+            done_idx.append(running[halts])
+            done_out.append(out[halts])
+            done_cost.append(dec.cost[halts] if dec.cost is not None else h.new_zeros(done_idx[-1].shape[0], dtype=torch.float32))
+            done_steps.append(torch.full_like(done_idx[-1], s + 1))
             keep = ~halts
-            running, h, acc = running[keep], h_new[keep], acc[keep]
+            running, h = running[keep], h_new[keep]
+            acc = acc[keep] if dec.weight is not None else acc
             state = {k: v[keep] for k, v in state.items()}
             tok = None if tok is None else tok[keep]
         if ctx is not None:
@@ -267,7 +272,7 @@ class ReasoningLoop(nn.Module):
         probs = torch.zeros(n, S, dtype=torch.float32, device=device)
         if done_idx:
             idx = torch.cat(done_idx)
-            hidden = hidden.index_copy(0, idx, torch.cat(done_acc))
+            hidden = hidden.index_copy(0, idx, torch.cat(done_out))
             ponder = ponder.index_copy(0, idx, torch.cat(done_cost))
             steps = steps.index_copy(0, idx, torch.cat(done_steps))
             probs = probs.index_put((torch.cat(prob_idx), torch.cat(prob_step)), torch.cat(prob_val))
@@ -292,8 +297,11 @@ class ReasoningLoop(nn.Module):
             h_new = policy.scale_update(s, h, step(h, s, rows, token, True, running, ctx), state)
             dec, new_state = policy.decide(s, h_new, state, valid=running)
             halts = running & dec.halts
-            weight = torch.where(running, dec.weight, torch.zeros_like(dec.weight))
-            acc = acc + weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            if dec.weight is not None:
+                weight = torch.where(running, dec.weight, torch.zeros_like(dec.weight))
+                acc = acc + weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            else:
+                acc = torch.where(halts.unsqueeze(-1), h_new, acc)
             if dec.cost is not None:
                 ponder = torch.where(halts, dec.cost, ponder)
             steps = steps + running.long()
