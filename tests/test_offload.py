@@ -21,6 +21,7 @@ V = 97
 REPO = Path(__file__).resolve().parents[1]
 LOOP_ON_DISK = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.loop": "disk", "model.norm": "cpu",
                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads this process's memory maps in /proc")
 OFFLOADS = {
     # max_memory leaves no room in RAM: transformers maps everything ({"": "disk"})
     "everything_through_max_memory": dict(device_map="auto", max_memory={"cpu": 10_000}),
@@ -51,10 +52,9 @@ def _mapped_from(tensor: torch.Tensor, file: Path) -> bool:
     return False
 
 
+@needs_proc
 @pytest.mark.parametrize("offload", sorted(OFFLOADS))
 def test_offloaded_pool_is_memory_mapped_and_gives_the_in_memory_logits(tmp_path, offload):
-    if not os.path.exists("/proc/self/maps"):
-        pytest.skip("needs /proc to find the memory maps")
     model, path = _saved(tmp_path)
     ids = torch.randint(0, V, (2, 7))
     loaded = DPSNRForCausalLM.from_pretrained(path, offload_folder=tmp_path / "offload", **OFFLOADS[offload])
@@ -74,12 +74,23 @@ def test_offloaded_pool_is_memory_mapped_and_gives_the_in_memory_logits(tmp_path
     assert not any((tmp_path / "offload").iterdir())  # nothing of the pool was copied to the offload folder
 
 
+@needs_proc
+def test_pool_on_cpu_beside_an_accelerator_is_memory_mapped_too(tmp_path):
+    # No accelerator here: "meta" stands in for one. accelerate then runs on it and offloads the "cpu"
+    # modules (weights in RAM, loaded at each forward); no numbers come out of meta, only the placement.
+    _, path = _saved(tmp_path)
+    loaded = DPSNRForCausalLM.from_pretrained(path, device_map={"": "meta", "model.loop.pool": "cpu"})
+    assert loaded._pool_source.mmap
+    assert all(t.device.type == "cpu" and _mapped_from(t, path / "pool.safetensors") for t in loaded.pool.entry_parameters())
+    retriever = loaded.pool["knowledge"].retriever
+    assert retriever.query.weight.device.type == "meta" and hasattr(retriever, "_hf_hook")  # accelerate's, as usual
+
+
+@needs_proc
 def test_offloaded_pool_is_never_allocated_while_loading(tmp_path):
     """transformers gives every tensor missing from model.safetensors memory and random values before
     accelerate offloads it; a pool larger than RAM must skip that. Peak memory of a fresh process
     grows by far less than the pool while loading it offloaded and running a forward."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs /proc to read peak resident memory")
     small = tmp_path / "small"
     tiny_model(pool_entry="value").save_pretrained(small)
     big = tmp_path / "big"
