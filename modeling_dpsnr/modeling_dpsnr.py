@@ -424,7 +424,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen).unsqueeze(0)
         if check:
             self._check_positions(position_ids, attention_mask, past_seen, T)
-        if is_exporting() and not self._can_compile_fullgraph:
+        if is_exporting() and "dynamic" in self.rotary_emb.rope_type:
             raise RuntimeError(
                 f"rope_type={self.rotary_emb.rope_type!r} cannot be exported: transformers' dynamic_rope_update "
                 "recomputes the RoPE frequencies when a longer sequence arrives, a branch on tensor values that "
