@@ -50,6 +50,14 @@ class ExecutionPlan:
         """Whether the loop runs its static (masked, fixed-shape) driver on this input."""
         if self.loop_mode == "auto":
             return hidden_states.device.type == "xla" or is_tracing()
+        if self.loop_mode == "eager" and is_exporting():
+            # The eager driver's shapes follow the halting (nonzero, boolean indexing), which no single
+            # exported graph can hold; say so instead of failing deep inside the tracer.
+            raise RuntimeError(
+                'loop_mode="eager" cannot be exported: its tensor shapes depend on which tokens halt. '
+                'Call model.set_execution(loop_mode="auto") (or "static") before torch.export / torch.onnx.export; '
+                "both drivers give the same numbers."
+            )
         return self.loop_mode == "static"
 
 
@@ -64,7 +72,13 @@ def is_tracing() -> bool:
     return bool(check and check())
 
 
+def is_exporting() -> bool:
+    """True while torch.export (and the ONNX dynamo exporter, built on it) traces the forward."""
+    check = getattr(torch.compiler, "is_exporting", None)  # absent from older torch releases
+    return bool(check and check())
+
+
 # Keys that configs saved before the plan existed carry; they are runtime settings, dropped on load.
 LEGACY_CONFIG_KEYS = ("loop_mode", "pool_sparse_grads")
 
-__all__ = ["ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_tracing"]
+__all__ = ["ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_exporting", "is_tracing"]

@@ -28,9 +28,9 @@ from transformers.utils import logging
 
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
-from .execution import ExecutionPlan, is_tracing
-from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
+from .execution import ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
+from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
 
@@ -132,6 +132,10 @@ class DPSNRRMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def rope_type_of(config: DPSNRConfig) -> str:
+    return (config.rope_parameters or {}).get("rope_type", "default")
+
+
 class DPSNRRotaryEmbedding(nn.Module):
     """RoPE tables (Su et al. 2021); scaled variants (linear, dynamic, yarn, ...) come from transformers'
     ROPE_INIT_FUNCTIONS, and `dynamic_rope_update` recomputes the dynamic ones as positions grow."""
@@ -141,7 +145,7 @@ class DPSNRRotaryEmbedding(nn.Module):
         self.config = config
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
-        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        self.rope_type = rope_type_of(config)
         init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -154,7 +158,8 @@ class DPSNRRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
         return inv_freq, 1.0
 
-    @torch.no_grad()
+    # No `torch.no_grad()` (transformers' Llama in 5.24 has none either): nothing here carries gradients (integer
+    # positions, a buffer), and the grad-mode switch would be a higher-order op in every exported graph.
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hd/2)
@@ -294,8 +299,16 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     # torch.compile(fullgraph=True) and torch.export trace the static loop driver (ExecutionPlan
-    # loop_mode "auto" picks it while tracing); tests/test_export.py checks both against eager.
+    # loop_mode "auto" picks it while tracing); tests/test_export.py checks both against eager, and
+    # static-cache generation against the dynamic cache. `__init__` clears it for dynamic RoPE.
     _can_compile_fullgraph = True
+
+    def __init__(self, config: DPSNRConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        if "dynamic" in rope_type_of(config):
+            # transformers' `dynamic_rope_update` recomputes the frequencies when a longer sequence
+            # arrives: a Python branch on a tensor value, which one graph cannot hold.
+            self._can_compile_fullgraph = False
 
     # ------------------------------------------------------------------ cost model (cost.py)
     def estimate_flops(self, steps: float | None = None, context: float | None = None, training: bool = False) -> float:
@@ -446,6 +459,12 @@ class DPSNRModel(DPSNRPreTrainedModel):
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen).unsqueeze(0)
         if check:
             self._check_positions(position_ids, attention_mask, past_seen, T)
+        if is_exporting() and "dynamic" in self.rotary_emb.rope_type:
+            raise RuntimeError(
+                f"rope_type={self.rotary_emb.rope_type!r} cannot be exported: transformers' dynamic_rope_update "
+                "recomputes the RoPE frequencies when a longer sequence arrives, a branch on tensor values that "
+                "torch.export cannot capture. Export a model with the default, linear or yarn RoPE."
+            )
         causal_mask = create_causal_mask(  # positional: the cache argument's name differs across 5.x releases
             self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids
         )

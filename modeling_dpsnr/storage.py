@@ -2,7 +2,8 @@
 
 The file format itself (shards, index, checksums, the memory map and its read-ahead) is in
 `pool_files.py`; this module connects it to the model: `PoolStorageMixin` (save_pretrained /
-from_pretrained with `pool_mmap`, `write_pool_rows`, `place_controller`) and its helpers.
+from_pretrained with `pool_mmap` or an offloading `device_map`, `write_pool_rows`, `place_controller`)
+and its helpers.
 """
 
 from __future__ import annotations
@@ -171,11 +172,78 @@ def _single_device(device_map) -> torch.device:
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError("pool_mmap=True places the whole controller on one device; got a device_map over several.")
+            raise ValueError(
+                "pool_mmap=True places the whole controller on one device; got a device_map over several. Drop "
+                "pool_mmap to dispatch the controller with accelerate: the pool tables the map offloads ('disk', or "
+                "'cpu' beside an accelerator) are memory-mapped from the pool files anyway."
+            )
         device_map = devices.pop()
-    if device_map in ("auto", "balanced", "sequential"):
-        raise ValueError(f"device_map={device_map!r} is not supported with pool_mmap=True; name one device (e.g. 'cuda:0').")
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} is not supported with pool_mmap=True; name one device (e.g. 'cuda:0'), or "
+            "drop pool_mmap: the pool tables a device_map offloads ('disk', or 'cpu' beside an accelerator) are "
+            "memory-mapped from the pool files anyway."
+        )
     return torch.device(device_map)
+
+
+def pool_table_keys(model: nn.Module) -> list[str]:
+    """State-dict names of the entry tables (e.g. "model.loop.pool.partitions.knowledge.u")."""
+    return [name for name, _ in model.named_parameters() if re.search(POOL_TABLE_KEY, name)]
+
+
+def offloaded_pool_tables(model: nn.Module, device_map: dict | None) -> dict[str, str]:
+    """The entry tables (state-dict name → "disk" | "cpu") that accelerate offloads under a resolved
+    `device_map`, following `accelerate.dispatch_model`: a map over one device other than "disk" is not
+    dispatched; "disk" always offloads; "cpu" offloads only beside an accelerator (the main device),
+    otherwise it is where the forward runs. A table's device is that of the longest module name that
+    contains it (transformers' default for uncovered names: device_map[""] or "cpu")."""
+    if not device_map:
+        return {}
+    devices = {str(d) for d in device_map.values()}
+    if len(devices) == 1 and "disk" not in devices:
+        return {}
+    accelerators = devices - {"cpu", "disk"}
+    offloading = {"cpu", "disk"} if accelerators and not all(d.startswith("mps") for d in accelerators) else {"disk"}
+    found = {}
+    for key in pool_table_keys(model):
+        owners = [m for m in device_map if m == "" or key == m or key.startswith(m + ".")]
+        device = str(device_map[max(owners, key=len)]) if owners else "cpu"
+        if device in offloading:
+            found[key] = device
+    return found
+
+
+def check_whole_pool_offloaded(model: nn.Module, device_map: dict) -> None:
+    """The pool files are mapped as a whole: refuse a device map that offloads only some of the tables."""
+    offloaded = offloaded_pool_tables(model, device_map)
+    rest = [k for k in pool_table_keys(model) if k not in offloaded]
+    if offloaded and rest:
+        raise ValueError(
+            f"the device_map offloads the pool tables {sorted(offloaded)} but not {rest}: a pool is memory-mapped "
+            "from its files as a whole. Give the whole pool one place in the device_map (e.g. "
+            "{'model.loop.pool': 'disk'} to memory-map it, or an accelerator to load it there)."
+        )
+
+
+def map_offloaded_pool(model: nn.Module, path, verify: bool, prefetch: bool, **hub_kwargs) -> None:
+    """Serve the tables that accelerate offloads (model.hf_device_map) from the pool's own files.
+
+    accelerate offloads a module by keeping its weights elsewhere (transformers' offload index, or a
+    state dict in RAM) and loading them all at every forward: for the pool that means whole tables per
+    step, and the index does not even know the pool files. Instead, the partitions' accelerate hooks
+    (their only direct tensors are the tables) are removed and the tables are memory-mapped read-only
+    from the pool files in host memory, as `pool_mmap=True` does; each read gathers its rows there
+    (PoolPartition.forward). The retrievers and the rest of the controller stay with accelerate.
+    """
+    from accelerate.hooks import remove_hook_from_module  # installed whenever transformers dispatched a map
+
+    check_whole_pool_offloaded(model, model.hf_device_map)
+    load_pool_into(model, path, mmap_pool=True, verify=verify, prefetch=prefetch, **hub_kwargs)
+    # Mapped first: detaching an offload hook moves back the tensors it found off meta (tables transformers
+    # allocated after all), which needs them off meta now; for the mapped host tables that move is a no-op.
+    for part in model.pool.partitions.values():
+        remove_hook_from_module(part)  # not recursive: the retriever keeps its own hook
 
 
 class PoolStorageMixin:
@@ -186,8 +254,11 @@ class PoolStorageMixin:
     - `from_pretrained`: as in transformers, then the tables are filled from the shards. With
       `pool_mmap=True` the tables are never allocated: they are mapped read-only from the shards
       and frozen, so a pool larger than RAM loads; `device_map="cuda:0"` then places only the
-      controller. `pool_verify=True` checks every shard's sha256 against the index;
-      `pool_prefetch=False` turns off the read-ahead of retrieved rows (see `Prefetcher`).
+      controller. A `device_map` (with `offload_folder` / `max_memory`) that offloads the pool
+      ("disk", or "cpu" beside an accelerator) maps the tables the same way and leaves the rest
+      of the controller to accelerate (`map_offloaded_pool`). `pool_verify=True` checks every
+      shard's sha256 against the index; `pool_prefetch=False` turns off the read-ahead of
+      retrieved rows (see `Prefetcher`).
     - `write_pool_rows` / `read_pool_rows`: knowledge injection, an explicit API (DESIGN.md §5).
     - `place_controller(device)`: move everything except the tables.
     """
@@ -239,7 +310,10 @@ class PoolStorageMixin:
         model = result[0] if isinstance(result, tuple) else result
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             path = pretrained_model_name_or_path
-            if not model.load_pool(path, verify=pool_verify, **hub) and not checkpoint_has_pool_tables(path, **hub):
+            if offloaded_pool_tables(model, getattr(model, "hf_device_map", None)) and resolve_pool(path, **hub):
+                map_offloaded_pool(model, path, pool_verify, pool_prefetch, **hub)
+            # (Tables kept inside model.safetensors by older checkpoints are offloaded by accelerate itself.)
+            elif not model.load_pool(path, verify=pool_verify, **hub) and not checkpoint_has_pool_tables(path, **hub):
                 raise FileNotFoundError(
                     f"{os.path.join(os.fspath(path), hub.get('subfolder') or '', INDEX_NAME)} is missing: the checkpoint "
                     "holds neither pool shards nor pool tables in its weights, so the pool would be random."
@@ -302,6 +376,18 @@ class PoolStorageMixin:
         if device_map is not None:
             model.place_controller(_single_device(device_map))
         return model
+
+    def _move_missing_keys_from_meta_to_device(self, missing_keys, device_map, *args, **kwargs):
+        # transformers' loader gives every tensor missing from model.safetensors memory on its mapped device
+        # (disk → cpu) and initialises it. The pool tables a device map offloads are memory-mapped from
+        # the pool files once loading is done (`map_offloaded_pool`), so they stay on meta: a pool larger
+        # than RAM is never allocated, nor filled with random values first. (A transformers internal,
+        # the same in 5.23 and 5.24; were it renamed, the tables would only be allocated in passing.)
+        offloaded = offloaded_pool_tables(self, device_map)
+        if any(k in offloaded for k in missing_keys):  # they come from the pool files
+            check_whole_pool_offloaded(self, device_map)  # before anything is allocated or dispatched
+        missing_keys = type(missing_keys)(k for k in missing_keys if k not in offloaded)
+        return super()._move_missing_keys_from_meta_to_device(missing_keys, device_map, *args, **kwargs)
 
     def load_pool(self, path, mmap: bool = False, verify: bool = False, prefetch: bool = True, **hub_kwargs) -> bool:
         """Load the pool shards of checkpoint `path` into this model (see `load_pool_into`); False if
