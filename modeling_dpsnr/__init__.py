@@ -8,6 +8,7 @@ carry `auto_map` so that `trust_remote_code=True` works without installing it.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_dpsnr import DPSNRConfig
+from .configuration_retrofit import DPSNRRetrofitConfig
 from .modeling_dpsnr import (
     DPSNRCausalLMOutputWithPast,
     DPSNRForCausalLM,
@@ -15,10 +16,13 @@ from .modeling_dpsnr import (
     DPSNRModelOutputWithPast,
     DPSNRPreTrainedModel,
 )
+from .retrofit import DPSNRRetrofitForCausalLM, add_memory
 
 AutoConfig.register("dpsnr", DPSNRConfig, exist_ok=True)
 AutoModel.register(DPSNRConfig, DPSNRModel, exist_ok=True)
 AutoModelForCausalLM.register(DPSNRConfig, DPSNRForCausalLM, exist_ok=True)
+AutoConfig.register("dpsnr_retrofit", DPSNRRetrofitConfig, exist_ok=True)
+AutoModelForCausalLM.register(DPSNRRetrofitConfig, DPSNRRetrofitForCausalLM, exist_ok=True)
 
 __all__ = [
     "DPSNRConfig",
@@ -27,6 +31,9 @@ __all__ = [
     "DPSNRForCausalLM",
     "DPSNRCausalLMOutputWithPast",
     "DPSNRModelOutputWithPast",
+    "DPSNRRetrofitConfig",
+    "DPSNRRetrofitForCausalLM",
+    "add_memory",
 ]
 
 # Saved checkpoints carry `auto_map` and a flat copy of these files, so they load with
@@ -34,3 +41,5 @@ __all__ = [
 DPSNRConfig.register_for_auto_class()
 DPSNRModel.register_for_auto_class("AutoModel")
 DPSNRForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DPSNRRetrofitConfig.register_for_auto_class()
+DPSNRRetrofitForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -18,7 +18,7 @@ from .execution import LEGACY_CONFIG_KEYS
 
 logger = logging.get_logger(__name__)
 
-POOL_RETRIEVALS = ("product_key", "exhaustive", "coordinate")
+POOL_RETRIEVALS = ("product_key", "exhaustive", "coordinate", "hashed_ngram")
 POOL_ENTRIES = ("neuron", "value")
 POOL_QUERY_NORMS = ("rms", "layer", "running")
 POOL_KEY_NORMS = ("none", "unit")
@@ -28,6 +28,8 @@ INDEXER_BALANCES = ("none", "quantile")
 LOOP_HALTINGS = ("act", "fixed", "threshold")  # halting.POLICIES
 LEGACY_LOOP_HALTINGS = {"none": "fixed"}  # names saved configs may carry
 LOOP_STEPS = ("token", "block")  # reasoning.STEP_KINDS
+NGRAM_HASH_PRIME = (1 << 31) - 1  # hashed.py hashes token ids + 1 modulo this Mersenne prime
+DEFAULT_NGRAM_ORDERS = [2, 3]  # Engram (DeepSeek 2026) reads 2- and 3-grams
 
 # Default partitions and the share of the reasoning steps each one gets when the schedule is
 # derived (design §2: for 8 steps, knowledge x2, reasoning x4, grammar x2).
@@ -91,8 +93,12 @@ class DPSNRConfig(PreTrainedConfig):
             fraction of `pool_size`; fractions are positive and sum to 1. Each partition has its
             own keys and query projection. One partition is an unpartitioned pool.
         pool_retrieval (`str`, "product_key"): "product_key" (exact top-k at O(√N) cost per head),
-            "exhaustive" (scores every entry with the same keys; the reference for tests) or
-            "coordinate" (a learned indexer reads a contiguous window; see `indexer_*`).
+            "exhaustive" (scores every entry with the same keys; the reference for tests),
+            "coordinate" (a learned indexer reads a contiguous window; see `indexer_*`) or
+            "hashed_ngram" (rows chosen by hashing the last tokens, gated by the state; see `ngram_*`).
+        pool_partition_retrieval (`dict[str, str]`, None): partition name → retrieval kind, for the
+            partitions whose kind differs from `pool_retrieval` (one model can mix kinds, e.g.
+            {"grammar": "hashed_ngram"} beside product-key partitions).
         pool_entry (`str`, "neuron"): "neuron" stores (u, v) per entry and contributes
             `act(u·x)·v` (PEER single-neuron experts); "value" stores v and contributes v.
         pool_heads (`int`, 4): independent retrieval heads per step; their reads are summed.
@@ -149,6 +155,19 @@ class DPSNRConfig(PreTrainedConfig):
         loop_threshold_momentum (`float`, 0.2): EMA rate of the inference thresholds of "threshold" routing
             (each training batch routes at its own quantile and folds it into the EMA).
 
+    Hashed n-gram memory (partitions of kind "hashed_ngram"; hashed.py, after Engram, DeepSeek 2026):
+        ngram_orders (`list[int]`, [2, 3]): n-gram lengths hashed at each position (the token and the
+            n − 1 before it; positions before the start hash a fixed pad id).
+        ngram_heads (`int`, 4): hash functions per order; each owns a stripe of the partition whose
+            size is a prime, so a collision in one head is rarely repeated in the others. A read
+            takes len(ngram_orders) × ngram_heads rows.
+        A hashed partition stores values only (its `v` table, whatever `pool_entry` says) and reads them
+        through its own key / value projections and context gate.
+        ngram_prelude_partition (`str`, None): a hashed_ngram partition that is also read in the
+            prelude, after block `ngram_prelude_layer`, as Engram reads its memory early in the stack.
+        ngram_prelude_layer (`int`, 1): prelude blocks before that read (0: on the embeddings);
+            at most `num_prelude_layers`.
+
     Coordinate indexer (used when `pool_retrieval="coordinate"`):
         indexer_hidden_size (`int`, 256): hidden width of the indexer MLP.
         indexer_window (`int`, 16): rows read per head per step (K), a contiguous window.
@@ -202,6 +221,12 @@ class DPSNRConfig(PreTrainedConfig):
     pool_balance: str = "none"
     pool_balance_rate: float = 1e-3
     pool_selection_noise: float = 0.0
+    pool_partition_retrieval: dict[str, str] | None = None
+    # hashed n-gram memory
+    ngram_orders: list[int] | None = None
+    ngram_heads: int = 4
+    ngram_prelude_partition: str | None = None
+    ngram_prelude_layer: int = 1
     # reasoning loop
     loop_max_steps: int = 8
     loop_min_steps: int = 1
@@ -232,6 +257,12 @@ class DPSNRConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.pool_partitions = dict(DEFAULT_PARTITIONS if self.pool_partitions is None else self.pool_partitions)
+        if self.pool_partition_retrieval is not None and isinstance(self.pool_partition_retrieval, dict):
+            self.pool_partition_retrieval = dict(self.pool_partition_retrieval)
+        if self.ngram_orders is None:
+            self.ngram_orders = list(DEFAULT_NGRAM_ORDERS)
+        elif isinstance(self.ngram_orders, (list, tuple)):
+            self.ngram_orders = list(self.ngram_orders)
         if self.loop_phase_schedule is not None:
             self.loop_phase_schedule = list(self.loop_phase_schedule)
         self.loop_halting = LEGACY_LOOP_HALTINGS.get(self.loop_halting, self.loop_halting)
@@ -243,6 +274,7 @@ class DPSNRConfig(PreTrainedConfig):
         if self.head_dim is None:  # explicit, as transformers' RoPE initialisers (yarn, dynamic, ...) read it
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_pool()
+        self._check_ngram()
         if self.loop_phase_schedule is None and _is_int(self.loop_max_steps) and self.loop_max_steps > 0:
             self.loop_phase_schedule = derive_phase_schedule(list(self.pool_partitions), self.loop_max_steps)
         self._check_loop()
@@ -274,6 +306,33 @@ class DPSNRConfig(PreTrainedConfig):
     def pool_entry_params(self) -> int:
         """Parameters stored per pool entry (u and v for neurons, v for values)."""
         return (2 if self.pool_entry == "neuron" else 1) * self.hidden_size
+
+    # per partition: one model can mix retrieval kinds (`pool_partition_retrieval`)
+    def partition_retrieval(self, name: str) -> str:
+        """The retrieval kind of partition `name`."""
+        return (self.pool_partition_retrieval or {}).get(name, self.pool_retrieval)
+
+    def partition_tables(self, name: str) -> tuple[str, ...]:
+        """The entry tables of partition `name`: hashed n-gram partitions store values only."""
+        if self.pool_entry == "value" or self.partition_retrieval(name) == "hashed_ngram":
+            return ("v",)
+        return ("u", "v")
+
+    @property
+    def ngram_slots(self) -> int:
+        """Rows one hashed n-gram read takes: one per order and hash head."""
+        return len(self.ngram_orders) * self.ngram_heads
+
+    def partition_rows_per_read(self, name: str) -> int:
+        """Rows one read of partition `name` takes per token."""
+        kind = self.partition_retrieval(name)
+        if kind == "hashed_ngram":
+            return self.ngram_slots
+        return self.pool_heads * (self.indexer_window if kind == "coordinate" else self.pool_topk)
+
+    def partition_params_per_read(self, name: str) -> int:
+        """Entry parameters one read of partition `name` touches per token."""
+        return self.partition_rows_per_read(name) * len(self.partition_tables(name)) * self.hidden_size
 
     # ------------------------------------------------------------------ validation
     def _check_controller(self) -> None:
@@ -351,18 +410,28 @@ class DPSNRConfig(PreTrainedConfig):
             raise ValueError(
                 f"pool_partitions fractions must sum to 1, got {sum(parts.values()):.6g} for {parts}."
             )
+        kinds = self.pool_partition_retrieval
+        if kinds is not None:
+            if not isinstance(kinds, dict):
+                raise ValueError(f"pool_partition_retrieval must be a dict partition name → retrieval kind, got {kinds!r}.")
+            unknown = sorted(set(kinds) - set(parts))
+            if unknown:
+                raise ValueError(f"pool_partition_retrieval names unknown partition(s) {unknown}; known: {list(parts)}.")
+            for name, kind in kinds.items():
+                _check_choice(f"pool_partition_retrieval[{name!r}]", kind, POOL_RETRIEVALS)
         for name, size in self.partition_sizes().items():
-            if self.pool_retrieval != "coordinate" and size < self.pool_topk:
+            kind = self.partition_retrieval(name)
+            if kind in ("product_key", "exhaustive") and size < self.pool_topk:
                 raise ValueError(
                     f"pool_topk ({self.pool_topk}) is larger than partition {name!r} ({size} entries of "
                     f"pool_size={self.pool_size}); raise pool_size or lower pool_topk."
                 )
-            if self.pool_retrieval == "coordinate" and size < self.indexer_window * self.pool_heads:
+            if kind == "coordinate" and size < self.indexer_window * self.pool_heads:
                 raise ValueError(
                     f"indexer_window ({self.indexer_window}) × pool_heads ({self.pool_heads}) is larger than "
                     f"partition {name!r} ({size} entries): each head needs a stripe of at least one window."
                 )
-        if self.pool_retrieval == "coordinate":
+        if any(self.partition_retrieval(name) == "coordinate" for name in parts):
             _check_positive_int("indexer_hidden_size", self.indexer_hidden_size)
             _check_positive_int("indexer_window", self.indexer_window)
             _check_positive_float("indexer_min_sigma", self.indexer_min_sigma)
@@ -370,8 +439,40 @@ class DPSNRConfig(PreTrainedConfig):
             _check_positive_int("indexer_balance_bins", self.indexer_balance_bins)
             if not (isinstance(self.indexer_balance_momentum, (int, float)) and 0.0 < self.indexer_balance_momentum <= 1.0):
                 raise ValueError(f"indexer_balance_momentum must be in (0, 1], got {self.indexer_balance_momentum!r}.")
-            if self.pool_balance == "bias":
-                raise ValueError("pool_balance='bias' applies to product-key sub-keys; use it with pool_retrieval='product_key'.")
+        if self.pool_balance == "bias" and not any(self.partition_retrieval(n) in ("product_key", "exhaustive") for n in parts):
+            raise ValueError("pool_balance='bias' applies to product-key sub-keys; use it with pool_retrieval='product_key'.")
+
+    def _check_ngram(self) -> None:
+        orders = self.ngram_orders
+        if not isinstance(orders, list) or not orders or any(not _is_int(o) or o < 1 for o in orders):
+            raise ValueError(f"ngram_orders must be a non-empty list of positive n-gram lengths, got {orders!r}.")
+        if len(set(orders)) != len(orders):
+            raise ValueError(f"ngram_orders must not repeat an order, got {orders}.")
+        _check_positive_int("ngram_heads", self.ngram_heads)
+        hashed = [n for n in self.pool_partitions if self.partition_retrieval(n) == "hashed_ngram"]
+        if hashed and self.vocab_size > NGRAM_HASH_PRIME - 2:
+            raise ValueError(f"vocab_size ({self.vocab_size}) must be below 2^31 - 2 for hashed_ngram partitions "
+                             "(token ids + 1 are hashed modulo the prime 2^31 - 1).")
+        sizes = self.partition_sizes()
+        for name in hashed:
+            if sizes[name] < 2 * self.ngram_slots:
+                raise ValueError(
+                    f"partition {name!r} ({sizes[name]} entries) is too small for its {self.ngram_slots} hash slots "
+                    f"(ngram_orders × ngram_heads): each slot needs a prime-sized stripe of at least 2 rows."
+                )
+        prelude = self.ngram_prelude_partition
+        if prelude is not None:
+            if prelude not in hashed:
+                raise ValueError(
+                    f"ngram_prelude_partition ({prelude!r}) must name a partition of kind 'hashed_ngram'; "
+                    f"hashed partitions: {hashed}."
+                )
+            _check_nonneg_int("ngram_prelude_layer", self.ngram_prelude_layer)
+            if self.ngram_prelude_layer > self.num_prelude_layers:
+                raise ValueError(
+                    f"ngram_prelude_layer ({self.ngram_prelude_layer}) must be at most num_prelude_layers "
+                    f"({self.num_prelude_layers}): the read sits in the prelude."
+                )
 
     def _check_loop(self) -> None:
         _check_positive_int("loop_max_steps", self.loop_max_steps)

@@ -13,7 +13,10 @@ Per token, DPSN-R spends
                    query d·H·c, product-key scores H·(n1 + n2)·c/2 (exhaustive: H·N·c/2;
                    coordinate: the indexer MLP), entry reads H·k·entry_params (neuron: u·x and
                    the weighted v), the gate d², the halting head; the block step adds one
-                   attention block (projections + core)
+                   attention block (projections + core). A hashed n-gram read (hashed.py) costs
+                   J·d for the weighted rows, 2·d² for W_k and W_v and d for the gate; its
+                   hashing is O(J·C) integer work, not counted.
+    prelude read the hashed n-gram read after a prelude block, when configured
 so `steps` (the mean reasoning steps of a run) is the only quantity that comes from a measurement.
 """
 
@@ -46,14 +49,22 @@ def retrieval_macs(config: DPSNRConfig, partition_entries: int) -> float:
     return query + c.pool_heads * (n1 + n2) * c.pool_key_dim / 2
 
 
+def read_macs(config: DPSNRConfig, partition: str) -> float:
+    """One read of `partition` for one token: choosing the rows and combining them."""
+    c = config
+    if c.partition_retrieval(partition) == "hashed_ngram":
+        d = c.hidden_size
+        return c.ngram_slots * d + 2 * d * d + d  # weighted rows, W_k and W_v, the gate's dot product
+    reads = c.partition_params_per_read(partition)  # u·x and the weighted v (neuron)
+    return retrieval_macs(c, c.partition_sizes()[partition]) + reads
+
+
 def loop_step_macs(config: DPSNRConfig, step: int, context: float) -> float:
     """MACs of reasoning step `step` (0-based) for one token."""
     c = config
-    part = c.loop_phase_schedule[step]
-    reads = c.pool_heads * c.pool_reads_per_head * c.pool_entry_params  # u·x and the weighted v (neuron)
     gate = c.hidden_size * c.hidden_size
     halting = c.hidden_size
-    macs = retrieval_macs(c, c.partition_sizes()[part]) + reads + gate + halting
+    macs = read_macs(c, c.loop_phase_schedule[step]) + gate + halting
     if c.loop_step == "block":
         macs += attention_macs(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.attention_head_dim, context)
     return macs
@@ -73,8 +84,9 @@ def forward_macs(config: DPSNRConfig, steps: float | None = None, context: float
     whole, frac = int(steps), steps - int(steps)
     loop = sum(per_step[:whole]) + (frac * per_step[whole] if whole < len(per_step) else 0.0)
     lm_head = c.hidden_size * c.vocab_size
+    prelude = read_macs(c, c.ngram_prelude_partition) if c.ngram_prelude_partition is not None else 0.0
     return {"controller": controller, "loop": loop, "loop_per_step": sum(per_step) / len(per_step),
-            "lm_head": lm_head, "total": controller + loop + lm_head}
+            "prelude_read": prelude, "lm_head": lm_head, "total": controller + loop + prelude + lm_head}
 
 
 def flops_per_token(config: DPSNRConfig, steps: float | None = None, context: float | None = None,
@@ -88,13 +100,17 @@ def pool_bytes_per_token(config: DPSNRConfig, steps: float | None = None, bytes_
     Flat in pool size but for the O(√N) sub-keys."""
     c = config
     steps = c.loop_max_steps if steps is None else steps
-    rows = c.pool_heads * c.pool_reads_per_head * c.pool_entry_params
-    keys = 0.0
-    if c.pool_retrieval == "product_key":
-        sizes = c.partition_sizes()
-        keys = sum(c.pool_heads * sum(product_key_sizes(sizes[p])) * c.pool_key_dim / 2
-                   for p in c.loop_phase_schedule) / c.loop_max_steps
-    return steps * (rows + keys) * bytes_per_param
+    sizes = c.partition_sizes()
+
+    def step_params(p: str) -> float:  # entry rows, plus the sub-keys a product-key read scores
+        keys = c.pool_heads * sum(product_key_sizes(sizes[p])) * c.pool_key_dim / 2 \
+            if c.partition_retrieval(p) == "product_key" else 0.0
+        return c.partition_params_per_read(p) + keys
+
+    per_step = sum(step_params(p) for p in c.loop_phase_schedule) / c.loop_max_steps
+    prelude = c.partition_params_per_read(c.ngram_prelude_partition) if c.ngram_prelude_partition is not None else 0
+    return (steps * per_step + prelude) * bytes_per_param
 
 
-__all__ = ["attention_macs", "block_macs", "forward_macs", "flops_per_token", "loop_step_macs", "pool_bytes_per_token"]
+__all__ = ["attention_macs", "block_macs", "forward_macs", "flops_per_token", "loop_step_macs", "pool_bytes_per_token",
+           "read_macs"]

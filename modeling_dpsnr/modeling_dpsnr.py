@@ -30,6 +30,7 @@ from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
+from .hashed import NgramPreludeRead, ngram_cache_layer, prepare_token_reads
 from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
@@ -89,8 +90,8 @@ class ReasoningStatsCollector:
     tensors stay on the model's device (no host copy per decoding step), as the generated ids do.
     """
 
-    def __init__(self, rows_per_step: int):
-        self.rows_per_step = rows_per_step
+    def __init__(self, rows_read: Callable[[torch.Tensor], torch.Tensor]):
+        self.rows_read = rows_read  # steps (B, n) → pool rows read (DPSNRModel.rows_read)
         self.prompt_steps: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
         self.active: list[torch.Tensor] = []
@@ -111,7 +112,7 @@ class ReasoningStatsCollector:
         return {
             "steps": steps,
             "active_params": active,
-            "rows_read": steps * self.rows_per_step,
+            "rows_read": self.rows_read(steps),
             "prompt_steps": self.prompt_steps,
             "avg_loops": steps.float().mean().item(),
             "avg_active_params": active.double().mean().item(),
@@ -399,6 +400,9 @@ class DPSNRModel(DPSNRPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DPSNRDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.loop = ReasoningLoop(config, DPSNRRMSNorm, DPSNRAttention)
+        # A hashed n-gram partition read once in the prelude as well (hashed.py), if configured.
+        self.ngram_read = (NgramPreludeRead(config, self.loop.pool, DPSNRRMSNorm)
+                           if config.ngram_prelude_partition is not None else None)
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DPSNRRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -453,6 +457,11 @@ class DPSNRModel(DPSNRPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # Hashed n-gram partitions know their rows from the ids alone: hashed (and a memory-mapped
+        # pool asked for their pages) before any block runs; earlier ids come from the cache.
+        pool = self.loop.pool
+        if pool.reads_tokens:
+            pool.set_token_reads(prepare_token_reads(pool, input_ids, attention_mask, cache, ngram_cache_layer(self.config)))
 
         B, T = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -491,8 +500,12 @@ class DPSNRModel(DPSNRPreTrainedModel):
                     all_attn.append(w)
             return h
 
-        hidden_states = run_blocks(hidden_states, self.layers[:num_prelude])
         static = self.execution.static_loop(hidden_states)
+        split = num_prelude if self.ngram_read is None else self.ngram_read.layer
+        hidden_states = run_blocks(hidden_states, self.layers[:split])
+        if self.ngram_read is not None:
+            hidden_states = self.ngram_read(hidden_states, static)
+        hidden_states = run_blocks(hidden_states, self.layers[split:num_prelude])
         # Tokens whose attention mask is 0 (padding) skip the loop in eager mode (and are masked in
         # static mode). The all-ones check is a host sync, so only the eager driver (which syncs
         # anyway) makes it.
@@ -505,6 +518,8 @@ class DPSNRModel(DPSNRPreTrainedModel):
             hidden_states, token_mask, static=static, token_embeddings=inputs_embeds,
             position_embeddings=position_embeddings, attention_mask=causal_mask, cache=cache,
         )
+        if pool.reads_tokens:
+            pool.set_token_reads(None)
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
@@ -517,7 +532,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
             reasoning_steps=loop.steps,
             halting_probs=loop.halting_probs,
             ponder_cost=loop.ponder_cost,
-            active_params=self.active_params_base() + loop.steps * self.loop.parameters_per_step(),
+            active_params=self.active_params_base() + self.loop.entries_read(loop.steps) + self.prelude_reads("params"),
             **{CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
@@ -539,6 +554,17 @@ class DPSNRModel(DPSNRPreTrainedModel):
             )
 
     # ------------------------------------------------------------------ cost model
+    def prelude_reads(self, unit: str = "params") -> int:
+        """Entry parameters (or rows, `unit="rows"`) every token reads outside the loop: the prelude's
+        hashed n-gram read, if any."""
+        if self.ngram_read is None:
+            return 0
+        return self.ngram_read.params_per_token if unit == "params" else self.ngram_read.rows_per_token
+
+    def rows_read(self, steps: torch.Tensor) -> torch.Tensor:
+        """Pool rows a token reads when its loop runs `steps` steps (prelude read included)."""
+        return self.loop.entries_read(steps, "rows") + self.prelude_reads("rows")
+
     def active_params_base(self) -> int:
         """Parameters every token touches regardless of its steps: controller blocks, norms and
         the loop's own modules (queries, sub-keys, gate, halting head). Embedding excluded."""
@@ -648,11 +674,11 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.
 
         Per generated token it records the loop's steps, the active parameters and the pool rows
-        read (steps × heads × reads per head), and `avg_loops`. With `return_dict_in_generate=True` the output
-        carries them as `reasoning_stats`; with `return_reasoning_stats=True` the call returns
-        `(output, stats)`.
+        read (the rows of each step's partition, plus a prelude n-gram read: `DPSNRModel.rows_read`),
+        and `avg_loops`. With `return_dict_in_generate=True` the output carries them as
+        `reasoning_stats`; with `return_reasoning_stats=True` the call returns `(output, stats)`.
         """
-        collector = ReasoningStatsCollector(self.config.pool_heads * self.config.pool_reads_per_head)
+        collector = ReasoningStatsCollector(self.model.rows_read)
         previous, self._stats_collector = self._stats_collector, collector
         try:
             output = super().generate(*args, **kwargs)

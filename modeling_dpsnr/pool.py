@@ -358,10 +358,11 @@ class PoolPartition(nn.Module):
         self.sparse_grads = False  # execution settings, from ExecutionPlan via ParameterPool.apply_execution
         self.row_gather = None
         self.act = ACT2FN[config.pool_activation]
-        if config.pool_retrieval == "coordinate":
+        kind = config.partition_retrieval(name)
+        if kind == "coordinate":
             self.retriever = CoordinateRetriever(config, num_entries)
         else:
-            self.retriever = ProductKeyRetriever(config, num_entries, exhaustive=config.pool_retrieval == "exhaustive")
+            self.retriever = ProductKeyRetriever(config, num_entries, exhaustive=kind == "exhaustive")
         if self.entry == "neuron":
             self.u = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
         self.v = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
@@ -421,15 +422,33 @@ def weighted_row_sum(
     return torch.einsum("njd,nj->nd", rows, coef.to(rows.dtype))
 
 
+def build_partition(config: DPSNRConfig, name: str, num_entries: int) -> nn.Module:
+    """A partition of the kind `config.partition_retrieval(name)`: hashed n-gram partitions live in
+    hashed.py (imported here, not at the top: hashed.py builds on this module)."""
+    if config.partition_retrieval(name) == "hashed_ngram":
+        from .hashed import HashedNgramPartition
+
+        return HashedNgramPartition(config, name, num_entries)
+    return PoolPartition(config, name, num_entries)
+
+
 class ParameterPool(nn.Module):
     """All partitions of the pool, by name, plus optional usage tracking."""
 
     def __init__(self, config: DPSNRConfig):
         super().__init__()
         self.partitions = nn.ModuleDict(
-            {name: PoolPartition(config, name, size) for name, size in config.partition_sizes().items()}
+            {name: build_partition(config, name, size) for name, size in config.partition_sizes().items()}
         )
         self._usage: dict[str, dict[str, torch.Tensor]] | None = None
+        # Hashed n-gram partitions address rows by the token ids, not by the state: the model hashes
+        # them once per forward (hashed.prepare_token_reads) and hands them over here.
+        self.reads_tokens = any(getattr(part, "reads_tokens", False) for part in self.partitions.values())
+        self._token_reads: dict[str, torch.Tensor] | None = None
+
+    def set_token_reads(self, reads: dict[str, torch.Tensor] | None) -> None:
+        """The rows each hashed partition reads for every token of this forward: name → (B·T, J)."""
+        self._token_reads = reads
 
     def __getitem__(self, name: str) -> PoolPartition:
         return self.partitions[name]
@@ -459,8 +478,20 @@ class ParameterPool(nn.Module):
         x: torch.Tensor,
         static: bool = False,
         token_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out, r = self.partitions[partition](query_input, x, static=static, token_mask=token_mask)
+        """Read `partition` for n tokens. `rows` (n,): which of the forward's B·T tokens they are
+        (needed by hashed n-gram partitions, whose rows were hashed from the ids up front)."""
+        part = self.partitions[partition]
+        if getattr(part, "reads_tokens", False):
+            if self._token_reads is None:
+                raise ValueError(f"partition {partition!r} is hashed_ngram: its rows come from the token ids, "
+                                 "which only the model's forward (with input_ids) provides.")
+            indices = self._token_reads[partition]  # (B·T, J)
+            out, r = part(query_input, x, static=static, token_mask=token_mask,
+                          indices=indices if rows is None else indices[rows])
+        else:
+            out, r = part(query_input, x, static=static, token_mask=token_mask)
         if self._usage is not None:
             self._record(partition, r, token_mask)
         return out

@@ -82,8 +82,8 @@ def parse_size(size: int | str) -> int:
 
 def pool_table_shapes(config) -> dict[str, tuple[int, int]]:
     """The (rows, hidden_size) of every entry table the config implies, in partition order."""
-    kinds = ("u", "v") if config.pool_entry == "neuron" else ("v",)
-    return {f"{p}.{k}": (n, config.hidden_size) for p, n in config.partition_sizes().items() for k in kinds}
+    return {f"{p}.{k}": (n, config.hidden_size) for p, n in config.partition_sizes().items()
+            for k in config.partition_tables(p)}
 
 
 def pool_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -505,9 +505,14 @@ class Prefetcher:
             self.madvise = None
 
     def __call__(self, module, inputs, retrieval) -> None:
+        self.request(retrieval.indices)
+
+    def request(self, indices: torch.Tensor) -> None:
+        """Ask for the pages of rows `indices` (any shape). Hashed n-gram reads call this up front,
+        as soon as the ids are known (hashed.prepare_token_reads)."""
         if self.madvise is None or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        rows = retrieval.indices.detach().reshape(-1).unique().cpu()
+        rows = indices.detach().reshape(-1).unique().cpu()
         for base, row_bytes in self.tables:
             first = (base + rows * row_bytes) // self.page  # (r,) first page of each row
             last = (base + (rows + 1) * row_bytes - 1) // self.page

@@ -80,7 +80,7 @@ class TokenStep(nn.Module):
     def read(self, x, s, rows, token, static, token_mask):
         """Gated pool read for the rows' normalised states x (m, d)."""
         query = x + self.step_embedding[s] if token is None else x + token + self.step_embedding[s]
-        r = self.pool[0](self.schedule[s], query, x, static=static, token_mask=token_mask)  # (m, d)
+        r = self.pool[0](self.schedule[s], query, x, static=static, token_mask=token_mask, rows=rows)  # (m, d)
         return torch.sigmoid(self.gate(x)) * r
 
     def forward(self, h, s, rows, token, static, token_mask, ctx=None):
@@ -316,6 +316,17 @@ class ReasoningLoop(nn.Module):
 
     # ------------------------------------------------------------------ cost model
     def parameters_per_step(self) -> int:
-        """Pool parameters read per token per step: heads × reads per head × parameters per entry."""
+        """Pool parameters read per token at the first step: heads × reads per head × parameters per
+        entry (the same at every step unless partitions mix retrieval kinds; see `entries_read`)."""
+        return self.config.partition_params_per_read(self.config.loop_phase_schedule[0])
+
+    def entries_read(self, steps: torch.Tensor, unit: str = "params") -> torch.Tensor:
+        """Entry parameters (`unit="params"`) or pool rows (`"rows"`) a token reads in its first
+        `steps` steps; steps may read partitions of different kinds (`pool_partition_retrieval`)."""
         c = self.config
-        return c.pool_heads * c.pool_reads_per_head * c.pool_entry_params
+        per_read = c.partition_params_per_read if unit == "params" else c.partition_rows_per_read
+        per_step = [per_read(p) for p in c.loop_phase_schedule]
+        if len(set(per_step)) == 1:
+            return steps * per_step[0]
+        cumulative = torch.tensor([0, *per_step], device=steps.device).cumsum(0)  # (S + 1,)
+        return cumulative[steps]

@@ -49,6 +49,12 @@ class PoolSource:
     data_ptrs: dict[str, int]  # table → address of its data, to recognise the same tables later
 
 
+def pool_config(model: nn.Module):
+    """The DPSNRConfig describing `model.pool`: the model's config, or `model.pool_config` for models
+    that carry a pool beside another architecture (retrofit.py)."""
+    return getattr(model, "pool_config", None) or model.config
+
+
 def model_pool_tables(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{p}.{k}": t for p, part in model.pool.partitions.items() for k, t in part.entry_tables().items()}
 
@@ -76,14 +82,15 @@ def save_pool(model: nn.Module, directory: str | os.PathLike, tables: dict[str, 
             and all(k in tables and tables[k].data_ptr() == ptr for k, ptr in source.data_ptrs.items()) \
             and (dtype is None or dtype == next(iter(tables.values())).dtype):
         return None
-    shapes = pool_table_shapes(model.config)
+    config = pool_config(model)
+    shapes = pool_table_shapes(config)
     if set(tables) != set(shapes):
         raise ValueError(f"pool tables {sorted(tables)} do not match the config's {sorted(shapes)}.")
     dtype = dtype or next(iter(tables.values())).dtype
     return write_pool_files(
         directory, shapes, dtype, lambda name, a, b: tables[name][a:b], parse_size(max_shard_size),
-        extra={"hidden_size": model.config.hidden_size, "pool_entry": model.config.pool_entry,
-               "partitions": model.config.partition_sizes()},
+        extra={"hidden_size": config.hidden_size, "pool_entry": config.pool_entry,
+               "partitions": config.partition_sizes()},
     )
 
 
@@ -96,7 +103,7 @@ def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool
     found = resolve_pool(path, **hub_kwargs)
     if found is None:
         return False
-    pool = check_pool(*found, pool_table_shapes(model.config), verify=verify)
+    pool = check_pool(*found, pool_table_shapes(pool_config(model)), verify=verify)
     mapped = map_tables(pool, random_access=mmap_pool)
     tables = model_pool_tables(model)
     if mmap_pool:
@@ -106,7 +113,11 @@ def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool
             param._is_hf_initialized = True  # transformers' init functions skip it
             setattr(model.pool.partitions[part_name], kind, param)
         for part in model.pool.partitions.values() if prefetch else ():
-            part.retriever.register_forward_hook(Prefetcher(list(part.entry_tables().values())))
+            prefetcher = Prefetcher(list(part.entry_tables().values()))
+            if getattr(part, "reads_tokens", False):  # hashed n-gram rows are known up front: asked for before any layer
+                part.prefetcher = prefetcher
+            else:
+                part.retriever.register_forward_hook(prefetcher)
         model._pool_source = PoolSource(pool.directory, True, {k: t.data_ptr() for k, t in model_pool_tables(model).items()})
         return True
     with torch.no_grad():
@@ -413,7 +424,7 @@ class PoolStorageMixin:
             if rows is None:
                 continue
             if kind not in tables:
-                raise ValueError(f"pool_entry={self.config.pool_entry!r} stores no {kind!r} table.")
+                raise ValueError(f"partition {partition!r} stores no {kind!r} table (pool_entry={pool_config(self).pool_entry!r}).")
             rows = torch.as_tensor(rows)
             table = tables[kind]
             if tuple(rows.shape) != (idx.numel(), table.shape[1]):
