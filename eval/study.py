@@ -316,21 +316,45 @@ def load_grid(path: str | os.PathLike) -> list[RunSpec]:
     return specs
 
 
-def run_grid(specs: list[RunSpec], jobs: int, only: str | None) -> None:
+def _running_elsewhere() -> set[str]:
+    """Names of runs some other `eval.study one` process is training now (from /proc cmdlines)."""
+    names = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"eval.study" in b" ".join(argv) and b"--spec" in argv:
+            try:
+                names.add(json.loads(argv[argv.index(b"--spec") + 1])["name"])
+            except (ValueError, KeyError, IndexError):
+                continue
+    return names
+
+
+def run_grid(grid: str, jobs: int, only: str | None) -> None:
+    """Run the grid's missing runs, `jobs` at a time. The grid file is read again before each start,
+    so runs can be added or reordered while it works; runs another process is training are skipped."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in specs if not (RESULTS / f"{s.name}.json").exists() and (only is None or re.search(only, s.name))]
-    for ds in {s.dataset for s in pending}:  # tokenizer and blocks once, before the runs start in parallel
-        blocks_for(ds, tokenizer_for(ds))
-    print(f"study: {len(pending)} runs pending", flush=True)
     running: list[tuple[RunSpec, subprocess.Popen]] = []
-    while pending or running:
-        while pending and len(running) < jobs:
+    prepared: set[str] = set()
+    while True:
+        mine = {spec.name for spec, _ in running}
+        busy = _running_elsewhere() | mine
+        pending = [s for s in load_grid(grid) if not (RESULTS / f"{s.name}.json").exists() and s.name not in busy
+                   and (only is None or re.search(only, s.name))]
+        if not pending and not running:
+            break
+        while pending and len(running) + len(busy - mine) < jobs:
             spec = pending.pop(0)
+            if spec.dataset not in prepared:  # tokenizer and blocks once, before runs share them
+                blocks_for(spec.dataset, tokenizer_for(spec.dataset))
+                prepared.add(spec.dataset)
             cmd = [sys.executable, "-m", "eval.study", "one", "--spec", json.dumps(asdict(spec))]
             log = open(CACHE / f"{spec.name}.log", "w")
             running.append((spec, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
-            print(f"study: started {spec.name}", flush=True)
-        time.sleep(5)
+            print(f"study: started {spec.name} ({len(pending)} more pending)", flush=True)
+        time.sleep(10)
         for item in list(running):
             spec, proc = item
             if proc.poll() is not None:
@@ -359,7 +383,7 @@ def main(argv=None):
     rep.add_argument("--grid", default=None)
     args = p.parse_args(argv)
     if args.cmd == "run":
-        run_grid(load_grid(args.grid), args.jobs, args.only)
+        run_grid(args.grid, args.jobs, args.only)
     elif args.cmd == "one":
         spec = RunSpec(**json.loads(args.spec)) if args.spec else RunSpec(args.dataset, args.variant, args.lr, args.tokens, args.seed)
         record = run_one(spec, threads=args.threads)
