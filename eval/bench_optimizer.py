@@ -66,7 +66,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from training.pool_optim import SparseRowAdam, _segment_sum  # noqa: E402
+from dpsnr.training.pool_optim import SparseRowAdam, _segment_sum  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 

@@ -100,7 +100,7 @@ def _status_kb(key: str) -> int:
 
 
 def _run_measure(path: Path, load: str, args) -> dict:
-    cmd = [sys.executable, "-m", "eval.bench_pool_scale", "--measure", str(path), "--load", load,
+    cmd = [sys.executable, "-m", "dpsnr.eval.bench_pool_scale", "--measure", str(path), "--load", load,
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if res.returncode != 0:
@@ -110,7 +110,7 @@ def _run_measure(path: Path, load: str, args) -> dict:
 
 def _build(entries: int, root: Path) -> dict[str, Path]:
     """One fp16 pool file of `entries` neuron entries, and one controller per retrieval mode beside it."""
-    from training.pool_tool import init_checkpoint, init_controller, load_config
+    from dpsnr.training.pool_tool import init_checkpoint, init_controller, load_config
 
     dirs = {mode: root / f"{mode}-{entries}" for mode in MODES}
     first, *others = MODES
@@ -137,7 +137,7 @@ def _spread_windows(path: Path) -> None:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    from eval.common import new_figure, save_figure
+    from dpsnr.eval.common import new_figure, save_figure
 
     fig, axes = new_figure(2)
     ax_speed, ax_rss = axes[0]
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(args.measure, args.load, args.prompt_len, args.new_tokens)))
         return {}
 
-    from eval.common import json_line, write_json
+    from dpsnr.eval.common import json_line, write_json
 
     per_entry = 2 * 256  # neuron entry: u and v of width 256
     largest = int(args.max_params) // per_entry

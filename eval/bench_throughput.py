@@ -66,7 +66,7 @@ class Bench:
         self.batch = torch.randint(0, vocab, (args.batch, args.block), generator=g)
         self.prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
         if dpsnr:
-            from training.pool_optim import SparseRowAdam
+            from dpsnr.training.pool_optim import SparseRowAdam
 
             model.set_execution(pool_sparse_grads=True)
             pool = {id(p) for p in model.pool.entry_parameters()}

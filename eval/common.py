@@ -183,7 +183,7 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> N
 
 def eval_documents(args: EvalArguments) -> tuple[list[str], str, str]:
     """(documents, separator "eos" | "none", rule in words) for the dataset of `args`."""
-    from training.data import iter_tinystories, load_text_for_eval, resolve_data_path
+    from dpsnr.training.data import iter_tinystories, load_text_for_eval, resolve_data_path
 
     if args.dataset in DATASETS:
         default_path, rule = DATASETS[args.dataset]

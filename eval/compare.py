@@ -39,11 +39,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import modeling_dpsnr  # noqa: F401
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.presets import count_parameters
-from eval.pool_health import usage_statistics
-from training.data import DataArguments, build_datasets
-from training.tokenizer import train_bpe_tokenizer
-from training.data import resolve_data_path
-from training.trainer import DPSNRTrainer, DPSNRTrainingArguments
+from dpsnr.eval.pool_health import usage_statistics
+from dpsnr.training.data import DataArguments, build_datasets
+from dpsnr.training.tokenizer import train_bpe_tokenizer
+from dpsnr.training.data import resolve_data_path
+from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -278,7 +278,7 @@ def run_datasets_in_parallel(argv: list[str], args) -> dict:
         while pending or running:
             while pending and len(running) < args.jobs:
                 ds = pending.pop(0)
-                cmd = [sys.executable, "-m", "eval.compare", *base, "--datasets", ds, "--threads", str(args.threads or 1),
+                cmd = [sys.executable, "-m", "dpsnr.eval.compare", *base, "--datasets", ds, "--threads", str(args.threads or 1),
                        "--output-dir", str(parts), "--output-name", ds]
                 running.append((ds, subprocess.Popen(cmd)))
             ds, proc = running.pop(0)

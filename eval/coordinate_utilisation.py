@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from eval.common import json_line, write_json
-from eval.pool_health import usage_statistics
+from dpsnr.eval.common import json_line, write_json
+from dpsnr.eval.pool_health import usage_statistics
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from training.data import resolve_data_path
+from dpsnr.training.data import resolve_data_path
 
 MODEL = dict(
     vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_prelude_layers=1,

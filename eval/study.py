@@ -106,8 +106,8 @@ class RunSpec:
 def tokenizer_for(dataset: str):
     from transformers import AutoTokenizer
 
-    from training.data import resolve_data_path
-    from training.tokenizer import train_bpe_tokenizer
+    from dpsnr.training.data import resolve_data_path
+    from dpsnr.training.tokenizer import train_bpe_tokenizer
 
     folder = CACHE / f"tok-{dataset}"
     if (folder / "tokenizer.json").exists():
@@ -118,7 +118,7 @@ def tokenizer_for(dataset: str):
 
 def blocks_for(dataset: str, tokenizer) -> dict[str, np.ndarray]:
     """(train, validation) int32 arrays of shape (blocks, 256), cached beside the tokenizer."""
-    from training.data import DataArguments, _local_documents, build_datasets, resolve_data_path, tokenize_and_pack
+    from dpsnr.training.data import DataArguments, _local_documents, build_datasets, resolve_data_path, tokenize_and_pack
 
     path = CACHE / f"blocks-{dataset}-{BLOCK}.npz"
     if path.exists():
@@ -178,7 +178,7 @@ def flops_per_token(kind: str, cfg, mean_steps: float | None, training: bool) ->
 @torch.no_grad()
 def evaluate(model, kind: str, blocks: np.ndarray, max_steps: int | None) -> dict:
     """Held-out NLL (LM part only), mean steps and their histogram, pool usage per partition."""
-    from eval.pool_health import usage_statistics
+    from dpsnr.eval.pool_health import usage_statistics
 
     model.eval()
     nll, count, steps_sum = 0.0, 0, 0.0
@@ -223,7 +223,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from training.trainer import DPSNRTrainer, DPSNRTrainingArguments
+    from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
     torch.set_num_threads(threads)
     tok = tokenizer_for(spec.dataset)
@@ -326,7 +326,7 @@ def run_grid(specs: list[RunSpec], jobs: int, only: str | None) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             spec = pending.pop(0)
-            cmd = [sys.executable, "-m", "eval.study", "one", "--spec", json.dumps(asdict(spec))]
+            cmd = [sys.executable, "-m", "dpsnr.eval.study", "one", "--spec", json.dumps(asdict(spec))]
             log = open(CACHE / f"{spec.name}.log", "w")
             running.append((spec, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
             print(f"study: started {spec.name}", flush=True)
@@ -372,7 +372,7 @@ def main(argv=None):
         print(json.dumps({"run": spec.name, "heldout_perplexity": round(m["heldout_perplexity"], 3),
                           "mean_steps": m.get("mean_steps"), "train_tokens_per_second": round(m["train_tokens_per_second"], 1)}))
     else:
-        from eval.study_report import main as report_main
+        from dpsnr.eval.study_report import main as report_main
 
         report_main(args.grid)
 

@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from eval.study import RESULTS
+from dpsnr.eval.study import RESULTS
 
 OUT = RESULTS.parent
 

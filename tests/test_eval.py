@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.common import EvalArguments, eval_documents
-from eval.perplexity import compute_perplexity, iter_scored_windows, sliding_windows
-from eval.perplexity import main as perplexity_main
-from eval.pool_health import evaluate_pool_usage, usage_statistics, write_pool_report
-from eval.pool_health import main as pool_health_main
-from eval.reasoning_analytics import (
+from dpsnr.eval.common import EvalArguments, eval_documents
+from dpsnr.eval.perplexity import compute_perplexity, iter_scored_windows, sliding_windows
+from dpsnr.eval.perplexity import main as perplexity_main
+from dpsnr.eval.pool_health import evaluate_pool_usage, usage_statistics, write_pool_report
+from dpsnr.eval.pool_health import main as pool_health_main
+from dpsnr.eval.reasoning_analytics import (
     COMPLEX, MEDIUM, TRIVIAL, classify_tokens, collect_records, is_trivial_text, reasoning_analytics, spearman,
     tokenizer_text, write_analytics_report,
 )
-from eval.reasoning_analytics import main as analytics_main
+from dpsnr.eval.reasoning_analytics import main as analytics_main
 from modeling_dpsnr import DPSNRForCausalLM
-from training.tokenizer import load_gpt2_tokenizer
+from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SENTENCES = (
@@ -334,7 +334,7 @@ def test_perplexity_cli_on_a_transformers_baseline_with_a_config_file(tmp_path, 
 
 # ---------------------------------------------------------------------------- comparison plumbing
 def test_parallel_compare_children_get_the_shared_options_but_not_the_per_process_ones():
-    from eval.compare import _drop_options
+    from dpsnr.eval.compare import _drop_options
 
     argv = ["--jobs", "2", "--datasets", "tinystories", "wikitext2", "--train-tokens", "2048",
             "--variants", "dpsnr-micro", "dense-llama", "--threads=3", "--output-name", "x"]
@@ -343,7 +343,7 @@ def test_parallel_compare_children_get_the_shared_options_but_not_the_per_proces
 
 
 def test_seed_spread_section_by_hand(tmp_path):
-    from eval.make_results_page import section_seed_spread
+    from dpsnr.eval.make_results_page import section_seed_spread
 
     def run(seed, micro, dense):
         rows = [{"variant": "dpsnr-micro", "heldout_perplexity": micro}, {"variant": "dense-llama", "heldout_perplexity": dense}]

@@ -28,9 +28,9 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from modeling_dpsnr import DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, count_parameters
 from modeling_dpsnr.pool_files import PoolStorageError
-from training import generate, publish
-from training.model_card import check_card
-from training.tokenizer import load_gpt2_tokenizer
+from dpsnr.training import generate, publish
+from dpsnr.training.model_card import check_card
+from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 REPO = "testorg/dpsnr-debug"
 TINY_REPO = "testorg/dpsnr-tiny"
@@ -62,7 +62,7 @@ def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    from eval import perplexity
+    from dpsnr.eval import perplexity
 
     root = tmp_path_factory.mktemp("publish")
     tokenizer = load_gpt2_tokenizer()

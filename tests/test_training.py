@@ -18,9 +18,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_dpsnr import DPSNRForCausalLM
-from training.pool_optim import SparseRowAdam
-from training.train import main, parse_args
-from training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
+from dpsnr.training.pool_optim import SparseRowAdam
+from dpsnr.training.train import main, parse_args
+from dpsnr.training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
 
 from conftest import tiny_model
 
@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def _train_cmd(out, extra=()):
-    return [sys.executable, "-m", "training.train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
+    return [sys.executable, "-m", "dpsnr.training.train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -138,7 +138,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     # SIGKILL lands between checkpoints.
     slow = textwrap.dedent(f"""
         import sys, time
-        from training import trainer as t
+        from dpsnr.training import trainer as t
         step = t.DPSNRTrainer.training_step
         def slow_step(self, *a, **k):
             out = step(self, *a, **k)
@@ -146,7 +146,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
                 time.sleep(0.5)
             return out
         t.DPSNRTrainer.training_step = slow_step
-        from training.train import main
+        from dpsnr.training.train import main
         main({[str(x) for x in _train_cmd(killed)[3:]]!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, env=env,

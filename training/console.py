@@ -10,15 +10,15 @@ from __future__ import annotations
 
 
 def train() -> int:
-    from training.train import main
+    from dpsnr.training.train import main
 
     main()
     return 0
 
 
 def eval_perplexity() -> int:
-    from eval.common import setup_script_logging
-    from eval.perplexity import main
+    from dpsnr.eval.common import setup_script_logging
+    from dpsnr.eval.perplexity import main
 
     setup_script_logging()
     main()
@@ -26,8 +26,8 @@ def eval_perplexity() -> int:
 
 
 def eval_analytics() -> int:
-    from eval.common import setup_script_logging
-    from eval.reasoning_analytics import main
+    from dpsnr.eval.common import setup_script_logging
+    from dpsnr.eval.reasoning_analytics import main
 
     setup_script_logging()
     main()
@@ -35,8 +35,8 @@ def eval_analytics() -> int:
 
 
 def pool_health() -> int:
-    from eval.common import setup_script_logging
-    from eval.pool_health import main
+    from dpsnr.eval.common import setup_script_logging
+    from dpsnr.eval.pool_health import main
 
     setup_script_logging()
     main()
