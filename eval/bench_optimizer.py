@@ -66,7 +66,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from dpsnr.training.pool_optim import SparseRowAdam, _segment_sum  # noqa: E402
+from dpsnr.training.pool_optim import SparseRowAdam, segment_sum  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
@@ -181,7 +181,7 @@ def bench_size(num_rows: int, args: argparse.Namespace, gen: torch.Generator) ->
     grads = batches["fixed"]
     out["coalesce_fixed"] = time_calls(lambda i: grads[i].coalesce(), warmup, args.repeats)
     out["segment_sum_fixed"] = time_calls(
-        lambda i: _segment_sum(grads[i]._indices()[0], grads[i]._values()), warmup, args.repeats
+        lambda i: segment_sum(grads[i]._indices()[0], grads[i]._values()), warmup, args.repeats
     )
     table.grad = None
     del batches, grads

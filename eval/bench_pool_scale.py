@@ -110,7 +110,7 @@ def _run_measure(path: Path, load: str, args) -> dict:
 
 def _build(entries: int, root: Path) -> dict[str, Path]:
     """One fp16 pool file of `entries` neuron entries, and one controller per retrieval mode beside it."""
-    from dpsnr.training.pool_tool import init_checkpoint, init_controller, load_config
+    from dpsnr.pool_tool import init_checkpoint, init_controller, load_config
 
     dirs = {mode: root / f"{mode}-{entries}" for mode in MODES}
     first, *others = MODES

@@ -28,8 +28,9 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from modeling_dpsnr import DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, count_parameters
 from modeling_dpsnr.pool_files import PoolStorageError
-from dpsnr.training import generate, publish
-from dpsnr.training.model_card import check_card
+from dpsnr.eval import generate
+from dpsnr.hub import publish
+from dpsnr.hub.model_card import check_card
 from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 REPO = "testorg/dpsnr-debug"

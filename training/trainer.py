@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .checkpoint_io import load_state, save_state, state_exists
 from .distributed import all_reduce_sparse_grads, exclude_from_ddp, pool_table_names, sparse_grads_supported
 from .pool_optim import SparseRowAdam, clip_grad_norm_
+from .pool_usage import kl_to_uniform
 
 logger = logging.get_logger(__name__)
 
@@ -378,13 +379,10 @@ def pool_usage_logs(usage: dict[str, dict[str, torch.Tensor]]) -> dict[str, floa
     """Per partition: % of rows read in the window and KL(read distribution ‖ uniform) in nats."""
     logs = {}
     for name, stats in usage.items():
-        counts = stats["counts"].detach().cpu().double()  # on the host: `p[p > 0]` has a data-dependent shape
-        total = counts.sum()
-        if total == 0:
+        counts = stats["counts"].detach().cpu()  # on the host: the statistics use data-dependent shapes
+        kl = kl_to_uniform(counts)
+        if kl is None:  # no row read in this window
             continue
-        p = counts / total
-        nz = p[p > 0]
-        kl = float((nz * nz.log()).sum() + math.log(counts.numel()))
         logs[f"pool_{name}_read_pct"] = round(100.0 * float((counts > 0).double().mean()), 3)
         logs[f"pool_{name}_kl_uniform"] = round(kl, 4)
     return logs

@@ -33,7 +33,7 @@ from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS, count_parameters
 from modeling_dpsnr.pool_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 TEMPLATE = CARDS_DIR / "dpsnr.md.j2"
 PRESET_TEXT = CARDS_DIR / "presets.yaml"
 

