@@ -27,7 +27,6 @@ then the repository's ``data/``) and on file layouts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -101,41 +100,6 @@ class ReportArguments:
 
     output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Folder for the .md, .png and .json files."})
     name: Optional[str] = field(default=None, metadata={"help": "Base name of the files (default: the script's)."})
-
-
-def setup_script_logging() -> None:
-    """Show this package's progress (INFO) when run as a script; other libraries stay at WARNING."""
-    import logging as std_logging
-
-    std_logging.basicConfig(level=std_logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    std_logging.getLogger("eval").setLevel(std_logging.INFO)
-
-
-def parse_cli(dataclass_types: tuple[type, ...], argv: Optional[list[str]] = None) -> tuple:
-    """Parse `--config recipe.yaml|json` (defaults) plus command-line overrides into the dataclasses."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types)
-    parser.add_argument("--config", default=None, help="YAML/JSON file of defaults; flags override it.")
-    if known.config:
-        values = _read_config(Path(known.config))
-        names = {f for t in dataclass_types for f in t.__dataclass_fields__}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown keys {unknown}; known: {sorted(names)}")
-        parser.set_defaults(**values)
-    *parsed, namespace = parser.parse_args_into_dataclasses(rest)
-    return tuple(parsed)
-
-
-def _read_config(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    import yaml
-
-    return yaml.safe_load(text) or {}
 
 
 # ----------------------------------------------------------------------------- model and tokenizer

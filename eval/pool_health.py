@@ -104,9 +104,10 @@ def write_pool_report(report: dict, usage: dict[str, dict[str, torch.Tensor]], o
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, ReportArguments, json_line, parse_cli, prepare_eval
+    from .common import EvalArguments, ReportArguments, json_line, prepare_eval
+    from dpsnr.scripting import parse_dataclasses
 
-    args, out = parse_cli((EvalArguments, ReportArguments), argv)
+    args, out = parse_dataclasses((EvalArguments, ReportArguments), argv)
     # disjoint windows by default, so each token's reads are counted once
     model, tokenizer, ids, info, stride = prepare_eval(args, default_stride_fraction=1.0)
     report, usage = evaluate_pool_usage(model, ids, args.max_length, stride, args.batch_size)
@@ -120,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .common import setup_script_logging
+    from dpsnr.scripting import setup_script_logging
 
     setup_script_logging()
     main()

@@ -20,9 +20,10 @@ Protocol (issues "the loop must earn its compute" and "the pool must be used"):
   Tokens/s come from runs that share the machine with another run: compare them within a run pair
   only; `eval/bench_throughput.py` measures speed properly.
 
-    python -m eval.study run --grid configuration/studies/loop_pool.yaml --jobs 2 [--only REGEX]
-    python -m eval.study one --dataset tinystories --variant block-act --lr 3e-3 [--tokens N] [--seed S]
-    python -m eval.study report [--grid ...]   # eval/results/study/*.json → study.md + PNG, one JSON line
+    dpsnr study run --grid configuration/studies/loop_pool.yaml --jobs 2 [--only REGEX]
+    dpsnr study one --dataset tinystories --variant block-act --lr 3e-3 [--tokens N] [--seed S]
+    dpsnr study report [--grid ...]   # eval/results/study/*.json → study.md + PNG, one JSON line
+(`python -m dpsnr.eval.study ...` is the same.)
 
 Records: eval/results/study/<run name>.json (command, budget, machine, commit, versions, metrics).
 """
@@ -283,7 +284,7 @@ def provenance() -> dict:
             return None
 
     return {
-        "command": "python -m eval.study " + " ".join(sys.argv[1:]),
+        "command": "dpsnr study " + " ".join(sys.argv[1:]),
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "torch": torch.__version__, "transformers": transformers.__version__,

@@ -76,7 +76,7 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(tmp_path)
     common = ["--config", str(DEBUG_RECIPE), "--max_steps", str(STEPS), "--sample_max_new_tokens", "0",
               "--save_strategy", "no", "--disable_tqdm", "true", "--adam_epsilon", "1e-5"]
     one, two = tmp_path / "one-process", tmp_path / "two-processes"
-    single = subprocess.run([sys.executable, "-m", "dpsnr.training.train", *common, "--output_dir", str(one),
+    single = subprocess.run([sys.executable, "-m", "dpsnr", "train", *common, "--output_dir", str(one),
                              "--per_device_train_batch_size", "8"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-4000:]
 

@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def _train_cmd(out, extra=()):
-    return [sys.executable, "-m", "dpsnr.training.train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
+    return [sys.executable, "-m", "dpsnr", "train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -147,7 +147,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
             return out
         t.DPSNRTrainer.training_step = slow_step
         from dpsnr.training.train import main
-        main({[str(x) for x in _train_cmd(killed)[3:]]!r})
+        main({[str(x) for x in _train_cmd(killed)[4:]]!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
