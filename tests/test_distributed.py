@@ -34,12 +34,13 @@ TRAIN_AND_DUMP = textwrap.dedent("""
     import sys
     from safetensors.torch import save_file
     from dpsnr.training import trainer as t
+    from dpsnr.training.distributed import unwrap_model
 
     train = t.DPSNRTrainer.train
 
     def train_and_dump(self, *args, **kwargs):
         out = train(self, *args, **kwargs)
-        params = {n: p.detach().cpu().contiguous() for n, p in t._unwrap(self.model).named_parameters()}
+        params = {n: p.detach().cpu().contiguous() for n, p in unwrap_model(self.model).named_parameters()}
         rank, world = self.args.process_index, self.args.world_size
         save_file(params, f"{self.args.output_dir}/rank{rank}-of-{world}.safetensors")
         return out

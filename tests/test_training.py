@@ -20,7 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_dpsnr import DPSNRForCausalLM
 from dpsnr.training.pool_optim import SparseRowAdam
 from dpsnr.training.train import main, parse_args
-from dpsnr.training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
+from dpsnr.training.optimizer import ChainedOptimizer
+from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
 from conftest import tiny_model
 
@@ -85,6 +86,26 @@ def test_plain_transformers_trainer_trains_the_dense_path(tmp_path):
     Trainer(model=model, args=_args(TrainingArguments, tmp_path, max_steps=15), train_dataset=ds).train()
     assert not model.execution.pool_sparse_grads
     assert model(batch, labels=batch).lm_loss.item() < before - 0.05
+
+
+def test_ponder_warmup_leaves_the_ponder_term_out_and_checkpoints_keep_the_configured_weight(tmp_path):
+    model = tiny_model()
+    weight = model.config.loop_ponder_weight
+    args = _args(DPSNRTrainingArguments, tmp_path, ponder_warmup_ratio=0.5, logging_steps=1, save_strategy="steps",
+                 save_steps=2)
+    DPSNRTrainer(model=model, args=args, train_dataset=_dataset()).train()
+    logs = {h["step"]: h for h in model_logs(tmp_path / "checkpoint-8")}
+    for step in (1, 2, 3, 4):  # global steps 0..3 < 0.5 × 8: the loss is the LM loss alone
+        assert logs[step]["loss"] == pytest.approx(logs[step]["lm_loss"], abs=1e-4)
+    for step in (5, 6, 7, 8):
+        with_ponder = logs[step]["lm_loss"] + weight * logs[step]["ponder_loss"]
+        assert logs[step]["loss"] == pytest.approx(with_ponder, abs=1e-3) and weight * logs[step]["ponder_loss"] > 1e-2
+    assert json.loads((tmp_path / "checkpoint-2" / "config.json").read_text())["loop_ponder_weight"] == weight
+    assert model.config.loop_ponder_weight == weight
+
+
+def model_logs(checkpoint: Path) -> list[dict]:
+    return [h for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
 
 def test_checkpoints_hold_no_pickles_and_resume(tmp_path):
