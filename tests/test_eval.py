@@ -272,12 +272,26 @@ def test_pool_health_report(gpt2_model_and_ids, tmp_path):
 
 def test_tinystories_held_out_rule():
     path = DATA / "tinystories" / "tinystories_sample.cs336.txt"
-    args = dict(model="unused", dataset="tinystories", data_file=str(path), heldout_fraction=0.2)
+    args = dict(model="unused", dataset="tinystories", data_file=str(path), validation_split_percentage=20)
     test_docs, sep, rule = eval_documents(EvalArguments(split="test", **args))
     train_docs, _, _ = eval_documents(EvalArguments(split="train", **args))
     assert sep == "eos" and len(test_docs) == 1 and len(train_docs) == 4  # 5 stories: the last one is held out
     assert path.read_text().split("<|endoftext|>")[4].strip() == test_docs[0]
     assert "last 1 of 5" in rule
+
+
+def test_evaluation_holds_out_exactly_the_stories_training_held_out(tmp_path):
+    from dpsnr.training.data import DataArguments, held_out_count, load_documents
+
+    path = DATA / "tinystories" / "tinystories_sample.cs336.txt"
+    for percentage in (3, 20, 50):  # 5 stories: 0.15 rounds up to one story, 2.5 down to two
+        docs = load_documents(DataArguments(train_file=str(path), validation_split_percentage=percentage,
+                                            cache_dir=str(tmp_path / f"c{percentage}")))
+        held, _, _ = eval_documents(EvalArguments(model="unused", dataset="tinystories", data_file=str(path),
+                                                  validation_split_percentage=percentage))
+        assert list(docs["validation"]["text"]) == held and len(held) == held_out_count(5, percentage)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        held_out_count(1, 50)
 
 
 def test_clis_on_a_saved_model(gpt2_model_and_ids, tmp_path, capsys):

@@ -232,6 +232,7 @@ def _load_tokenizer(choice: str | None, checkpoint: Path | None, vocab_size: int
     """--tokenizer, else the checkpoint's, else GPT-2's for a GPT-2-sized vocabulary, else None."""
     from transformers import AutoTokenizer
 
+    from dpsnr.training.data import check_tokenizer_matches_model
     from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
     if choice == "gpt2":
@@ -244,9 +245,7 @@ def _load_tokenizer(choice: str | None, checkpoint: Path | None, vocab_size: int
         tokenizer = load_gpt2_tokenizer()
     else:
         return None
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
-                         "it cannot be this model's tokenizer.")
+    check_tokenizer_matches_model(tokenizer, vocab_size)
     return tokenizer
 
 
