@@ -27,7 +27,7 @@ test: venv
 # The main job: train `micro` on the bundled TinyStories data (~10 min on 2 CPU cores), report the
 # held-out loss, save a loadable model folder in runs/micro-tinystories and print a sample story.
 demo: venv
-	$(BIN)/python -m training.train --config configuration/recipes/micro-tinystories.yaml
+	$(BIN)/dpsnr train --config configuration/recipes/micro-tinystories.yaml
 
 # CI's other two jobs: newest upstream releases, and the oldest transformers we admit.
 test-upstream:

@@ -41,8 +41,8 @@ not timed (a long run has touched every page). d = 32 so that dense AdamW at 2^2
 (4 x 2 GiB plus a temporary) fits a 24 GiB machine with room for other work; d = 64 would need
 ~20 GiB. Prints one JSON line last; writes eval/results/bench_optimizer.json and .png.
 
-    python -m eval.bench_optimizer                      # full run, 3-5 minutes on 2 shared cores
-    python -m eval.bench_optimizer --max-log2-rows 18   # quick run
+    dpsnr bench-optimizer                      # full run, 3-5 minutes on 2 shared cores
+    dpsnr bench-optimizer --max-log2-rows 18   # quick run
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ import os
 # a multi-GiB table. Dense AdamW gets the same setting. THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -62,11 +61,13 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from training.pool_optim import SparseRowAdam, _segment_sum  # noqa: E402
+from dpsnr.scripting import parse_dataclasses  # noqa: E402
+from dpsnr.training.pool_optim import SparseRowAdam, segment_sum  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
@@ -76,20 +77,21 @@ SAMPLINGS = ("fixed", "local", "uniform")
 Timing = tuple[float, float, float]  # (median wall, min wall, median CPU) milliseconds
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--min-log2-rows", type=int, default=16)
-    parser.add_argument("--max-log2-rows", type=int, default=24)
-    parser.add_argument("--log2-step", type=int, default=2, help="pool sizes 2^min, 2^(min+step), ...")
-    parser.add_argument("--dim", type=int, default=32, help="entry width d (fp32)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--rows-per-token", type=int, default=32)
-    parser.add_argument("--distinct-rows", type=int, default=32768, help="touched rows per batch in fixed/local")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per sparse optimizer")
-    parser.add_argument("--dense-repeats", type=int, default=3, help="timed steps per dense optimizer")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docstring)")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+@dataclass
+class BenchOptimizerArguments:
+    """Pool sizes, batch shape and repeats of the benchmark (see the module docstring)."""
+
+    min_log2_rows: int = 16
+    max_log2_rows: int = 24
+    log2_step: int = field(default=2, metadata={"help": "Pool sizes 2^min, 2^(min+step), ..."})
+    dim: int = field(default=32, metadata={"help": "Entry width d (fp32)."})
+    tokens: int = 4096
+    rows_per_token: int = 32
+    distinct_rows: int = field(default=32768, metadata={"help": "Touched rows per batch in fixed/local."})
+    repeats: int = field(default=15, metadata={"help": "Timed steps per sparse optimizer."})
+    dense_repeats: int = field(default=3, metadata={"help": "Timed steps per dense optimizer."})
+    threads: int = field(default=1, metadata={"help": "torch intra-op threads (see the module docstring)."})
+    seed: int = 0
 
 
 def available_bytes() -> int:
@@ -104,7 +106,7 @@ def available_bytes() -> int:
     return 1 << 62
 
 
-def make_batch(num_rows: int, args: argparse.Namespace, sampling: str, gen: torch.Generator) -> torch.Tensor:
+def make_batch(num_rows: int, args: BenchOptimizerArguments, sampling: str, gen: torch.Generator) -> torch.Tensor:
     """One uncoalesced row-sparse gradient (num_rows, d), the layout of embedding_bag's backward."""
     nnz = args.tokens * args.rows_per_token
     if sampling == "uniform":
@@ -146,7 +148,7 @@ def prefault_state(opt: torch.optim.Optimizer) -> None:
                 value.zero_()
 
 
-def bench_size(num_rows: int, args: argparse.Namespace, gen: torch.Generator) -> dict[str, Timing | int | None]:
+def bench_size(num_rows: int, args: BenchOptimizerArguments, gen: torch.Generator) -> dict[str, Timing | int | None]:
     """All methods at one pool size: Timing per method in ms, None where skipped."""
     out: dict[str, Timing | int | None] = {}
     warmup = 3
@@ -181,7 +183,7 @@ def bench_size(num_rows: int, args: argparse.Namespace, gen: torch.Generator) ->
     grads = batches["fixed"]
     out["coalesce_fixed"] = time_calls(lambda i: grads[i].coalesce(), warmup, args.repeats)
     out["segment_sum_fixed"] = time_calls(
-        lambda i: _segment_sum(grads[i]._indices()[0], grads[i]._values()), warmup, args.repeats
+        lambda i: segment_sum(grads[i]._indices()[0], grads[i]._values()), warmup, args.repeats
     )
     table.grad = None
     del batches, grads
@@ -235,8 +237,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_dataclasses((BenchOptimizerArguments,), argv, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     log2_sizes = list(range(args.min_log2_rows, args.max_log2_rows + 1, args.log2_step))

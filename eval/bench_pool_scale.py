@@ -2,7 +2,7 @@
 
 The controller is `micro`-shaped (d 256, 4 blocks, neuron entries, 4 heads × 8 rows × 4 steps).
 For each pool size the script streams a random fp16 pool into one safetensors file
-(training/pool_tool.py: chunks of 64 MB, never the whole pool in RAM), puts two controllers beside
+(dpsnr/pool_tool.py: chunks of 64 MB, never the whole pool in RAM), puts two controllers beside
 it (product-key and coordinate retrieval, each head reading 8 rows), and measures each with the
 pool opened read-only by `from_pretrained(path, pool_mmap=True)` (row prefetch on, its default:
 pool_files.Prefetcher). The reference is the same
@@ -25,7 +25,7 @@ Metric, per configuration, in a fresh subprocess (so peak memory is its own):
 - peak RSS: VmHWM of the process (torch itself included), after loading and generating.
 Ratios: decode tokens/s with the mapped pool / with the small in-RAM pool, same retrieval mode.
 
-    python -m eval.bench_pool_scale [--max-params 1e10] [--new-tokens 64] [--work-dir /tmp]
+    dpsnr bench-pool-scale [--max-params 1e10] [--new-tokens 64] [--work-dir /tmp]
 Pool files are created in a temporary folder under --work-dir and removed after each size.
 Prints one JSON line last; writes eval/results/bench_pool_scale.json and .png.
 """
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +49,18 @@ MICRO = "micro"
 SPREAD = 40.0  # scale of the coordinate indexer's position outputs (see above)
 MODES = {"product_key": dict(pool_retrieval="product_key"),
          "coordinate": dict(pool_retrieval="coordinate", indexer_window=8, indexer_hidden_size=256)}
+
+
+@dataclass
+class PoolScaleArguments:
+    max_params: float = field(default=1e10, metadata={"help": "Largest pool, in parameters."})
+    new_tokens: int = 64
+    prompt_len: int = 16
+    work_dir: str = field(default=tempfile.gettempdir(), metadata={"help": "Pool files go to a temporary folder here."})
+    output_dir: str = "eval/results"
+    # The measuring subprocess (_run_measure): one checkpoint folder and how to load it.
+    measure: str | None = field(default=None, metadata={"help": argparse.SUPPRESS})
+    load: str | None = field(default=None, metadata={"help": argparse.SUPPRESS, "choices": ["mmap", "ram"]})
 
 
 def measure(path: str, load: str, prompt_len: int, new_tokens: int) -> dict:
@@ -100,7 +113,7 @@ def _status_kb(key: str) -> int:
 
 
 def _run_measure(path: Path, load: str, args) -> dict:
-    cmd = [sys.executable, "-m", "eval.bench_pool_scale", "--measure", str(path), "--load", load,
+    cmd = [sys.executable, "-m", "dpsnr.eval.bench_pool_scale", "--measure", str(path), "--load", load,
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if res.returncode != 0:
@@ -110,7 +123,7 @@ def _run_measure(path: Path, load: str, args) -> dict:
 
 def _build(entries: int, root: Path) -> dict[str, Path]:
     """One fp16 pool file of `entries` neuron entries, and one controller per retrieval mode beside it."""
-    from training.pool_tool import init_checkpoint, init_controller, load_config
+    from dpsnr.pool_tool import init_checkpoint, init_controller, load_config
 
     dirs = {mode: root / f"{mode}-{entries}" for mode in MODES}
     first, *others = MODES
@@ -137,7 +150,7 @@ def _spread_windows(path: Path) -> None:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    from eval.common import new_figure, save_figure
+    from dpsnr.eval.common import new_figure, save_figure
 
     fig, axes = new_figure(2)
     ax_speed, ax_rss = axes[0]
@@ -161,26 +174,20 @@ def _plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-params", type=float, default=1e10, help="largest pool, in parameters")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--work-dir", default=tempfile.gettempdir())
-    parser.add_argument("--output-dir", default="eval/results")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
-    parser.add_argument("--load", choices=["mmap", "ram"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> dict:
+    from dpsnr.scripting import parse_dataclasses
+
+    (args,) = parse_dataclasses((PoolScaleArguments,), argv, description=__doc__.split("\n\n")[0])
     if args.measure:
         print(json.dumps(measure(args.measure, args.load, args.prompt_len, args.new_tokens)))
         return {}
 
-    from eval.common import json_line, write_json
+    from dpsnr.eval.common import json_line, write_json
 
     per_entry = 2 * 256  # neuron entry: u and v of width 256
     largest = int(args.max_params) // per_entry
     if largest <= 1 << 16:
-        parser.error("--max-params must exceed the 2^16-entry reference pool (33.6M parameters).")
+        raise ValueError("--max-params must exceed the 2^16-entry reference pool (33.6M parameters).")
     sizes = sorted({s for s in (1 << 16, 1 << 18, 1 << 20, 1 << 22) if s < largest} | {largest})
     root = Path(tempfile.mkdtemp(prefix="bench_pool_scale-", dir=args.work_dir))
     results = []

@@ -15,7 +15,7 @@ The dense twin is a transformers `LlamaForCausalLM` with the controller's dimens
 layers, heads, MLP, vocabulary) and no pool or loop. The pool sweep keeps everything but
 `pool_size` (same heads, k, steps): flat compute means the ratios stay near 1.
 
-    python -m eval.bench_throughput [--overrides '{loop_step: block}'] [--sizes 12 14 16 18 20] [--repeats 3]
+    dpsnr bench-throughput [--overrides '{loop_step: block}'] [--sizes 12 14 16 18 20] [--repeats 3]
 Writes eval/results/bench_throughput.json and .png; prints one JSON line last.
 """
 
@@ -66,7 +66,7 @@ class Bench:
         self.batch = torch.randint(0, vocab, (args.batch, args.block), generator=g)
         self.prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
         if dpsnr:
-            from training.pool_optim import SparseRowAdam
+            from dpsnr.training.pool_optim import SparseRowAdam
 
             model.set_execution(pool_sparse_grads=True)
             pool = {id(p) for p in model.pool.entry_parameters()}
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     report = {
         "metric": "tokens/s (median of repeats, models alternated in one process) and their ratios",
-        "command": "python -m eval.bench_throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "dpsnr bench-throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "settings": {k: v for k, v in vars(args).items() if k != "output"}, "config_overrides": overrides,

@@ -16,8 +16,9 @@ Evaluation text (`load_eval_ids`), one token stream per (dataset, split):
   rows of the Hub `wikitext` datasets), as in transformers' "Perplexity of fixed-length models"
   guide; GPT-2's tokenizer gives 287,644 tokens on the WikiText-2 raw test split that way.
 - TinyStories held-out rule: the file's stories (split on ``<|endoftext|>``, stripped) in file
-  order; the *last* `heldout_fraction` (5 %, at least one story) are "validation"/"test", the
-  rest "train". Each story is tokenized on its own and followed by the tokenizer's EOS id, the
+  order; the *last* `validation_split_percentage` (5 %, at least one story) are
+  "validation"/"test", the rest "train": `training.data.held_out_count`, the rule training holds
+  out its validation documents by, so evaluation never scores a story the model trained on. Each story is tokenized on its own and followed by the tokenizer's EOS id, the
   document convention of `training/data.py`.
 - Text is tokenized without special tokens (no BOS), as the guide does with GPT-2.
 Reading goes through `training.data.load_text_for_eval` / `read_documents`, so evaluation and
@@ -27,7 +28,6 @@ then the repository's ``data/``) and on file layouts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,8 +36,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
+
+from dpsnr.training.data import (
+    check_tokenizer_matches_model, held_out_count, iter_tinystories, load_text_for_eval, resolve_data_path,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +72,8 @@ class EvalArguments:
     dataset_config: Optional[str] = field(default=None, metadata={"help": "`datasets` config name (Hub data)."})
     data_file: Optional[str] = field(default=None, metadata={"help": "Another file/folder for a keyword --dataset."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Folder for relative data paths."})
-    heldout_fraction: float = field(default=0.05, metadata={"help": "TinyStories: last fraction of stories held out."})
+    validation_split_percentage: float = field(default=5.0, metadata={
+        "help": "TinyStories: percent of the stories held out at the end of the file, as training holds them out."})
     max_length: int = field(default=512, metadata={"help": "Tokens per window (the context)."})
     stride: Optional[int] = field(
         default=None, metadata={"help": "Window step; default max_length // 2 (pool_health: max_length)."}
@@ -91,8 +96,8 @@ class EvalArguments:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"--heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0.0 < self.validation_split_percentage < 100.0:
+            raise ValueError(f"--validation-split-percentage must be in (0, 100), got {self.validation_split_percentage}")
 
 
 @dataclass
@@ -101,41 +106,6 @@ class ReportArguments:
 
     output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Folder for the .md, .png and .json files."})
     name: Optional[str] = field(default=None, metadata={"help": "Base name of the files (default: the script's)."})
-
-
-def setup_script_logging() -> None:
-    """Show this package's progress (INFO) when run as a script; other libraries stay at WARNING."""
-    import logging as std_logging
-
-    std_logging.basicConfig(level=std_logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    std_logging.getLogger("eval").setLevel(std_logging.INFO)
-
-
-def parse_cli(dataclass_types: tuple[type, ...], argv: Optional[list[str]] = None) -> tuple:
-    """Parse `--config recipe.yaml|json` (defaults) plus command-line overrides into the dataclasses."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types)
-    parser.add_argument("--config", default=None, help="YAML/JSON file of defaults; flags override it.")
-    if known.config:
-        values = _read_config(Path(known.config))
-        names = {f for t in dataclass_types for f in t.__dataclass_fields__}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown keys {unknown}; known: {sorted(names)}")
-        parser.set_defaults(**values)
-    *parsed, namespace = parser.parse_args_into_dataclasses(rest)
-    return tuple(parsed)
-
-
-def _read_config(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    import yaml
-
-    return yaml.safe_load(text) or {}
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -169,30 +139,17 @@ def check_context(model: torch.nn.Module, max_length: int) -> None:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings ({limit})")
 
 
-def check_vocab(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{vocab}: is this the model's tokenizer?"
-        )
-
-
 # ----------------------------------------------------------------------------- text → token ids
 
 
 def eval_documents(args: EvalArguments) -> tuple[list[str], str, str]:
     """(documents, separator "eos" | "none", rule in words) for the dataset of `args`."""
-    from training.data import iter_tinystories, load_text_for_eval, resolve_data_path
-
     if args.dataset in DATASETS:
         default_path, rule = DATASETS[args.dataset]
         path = args.data_file or default_path
         if rule == "stories":
             stories = list(iter_tinystories(resolve_data_path(path, args.data_dir).read_text(encoding="utf-8").splitlines(True)))
-            if len(stories) < 2:
-                raise ValueError(f"{path}: {len(stories)} stories, need at least 2 to hold some out")
-            n_held = max(1, int(len(stories) * args.heldout_fraction))
+            n_held = held_out_count(len(stories), args.validation_split_percentage, str(path))
             if args.split in SPLITS_HELD_OUT:
                 docs, which = stories[-n_held:], f"last {n_held}"
             elif args.split == "train":
@@ -200,7 +157,7 @@ def eval_documents(args: EvalArguments) -> tuple[list[str], str, str]:
             else:
                 raise ValueError(f"split {args.split!r}: TinyStories has train / validation / test (held out)")
             return docs, "eos", (
-                f"{which} of {len(stories)} stories of {path} (held out: the last {args.heldout_fraction:.0%}); "
+                f"{which} of {len(stories)} stories of {path} (held out: the last {args.validation_split_percentage:g}%); "
                 "each tokenized alone and followed by EOS"
             )
         text = load_text_for_eval(path, args.split, join=rule, data_dir=args.data_dir)
@@ -319,6 +276,8 @@ def prepare_eval(args: "EvalArguments", default_stride_fraction: float = 0.5):
     model = load_model(args.model, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.model, args.model)
     check_context(model, args.max_length)
-    check_vocab(tokenizer, model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        check_tokenizer_matches_model(tokenizer, vocab)
     ids, info = load_eval_ids(args, tokenizer)
     return model, tokenizer, ids, info, stride

@@ -13,15 +13,16 @@ mean reasoning steps on the held-out set, total and active parameters, and per p
 held-out pool utilisation (% rows read, KL of read counts to uniform) — the `balance-on` row
 against `dpsnr-micro` is the measured effect of pool balancing.
 
-    python -m eval.compare --jobs 2     # the full grid, both datasets side by side: 31 min on 2 cores
+    dpsnr compare --jobs 2     # the full grid, both datasets side by side: 31 min on 2 cores
 Writes eval/results/compare.json, compare.md and compare_curves.png; prints one JSON line last.
 `--jobs N` runs the datasets in N processes of one torch thread each and merges their results, so
 tokens/s are measured with the other process busy: compare them within a dataset's table only.
+Arguments: `RunsArguments` (which runs), `BudgetArguments` (what each run gets), `RunnerArguments`
+(where they run, where results go); `--config file.yaml` gives any of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,11 +41,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import modeling_dpsnr  # noqa: F401
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.presets import count_parameters
-from eval.pool_health import usage_statistics
-from training.data import DataArguments, build_datasets
-from training.tokenizer import train_bpe_tokenizer
-from training.data import resolve_data_path
-from training.trainer import DPSNRTrainer, DPSNRTrainingArguments
+
+from dpsnr.eval.pool_health import usage_statistics
+from dpsnr.scripting import parse_dataclasses
+from dpsnr.training.data import DataArguments, build_datasets, resolve_data_path
+from dpsnr.training.tokenizer import train_bpe_tokenizer
+from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,6 +79,67 @@ VARIANTS = {
 GRID = [name for name in VARIANTS if not name.startswith("ponder-")]  # the default run: the issue's grid
 
 
+@dataclass
+class RunsArguments:
+    """Which runs: every variant on every dataset, unless restricted per dataset."""
+
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS), metadata={"choices": list(DATASETS)})
+    variants: list[str] = field(default_factory=lambda: list(GRID), metadata={
+        "choices": list(VARIANTS), "help": "Default: every variant except the ponder-weight sweep."})
+    dataset_variants: list[str] = field(default_factory=list, metadata={
+        "metavar": "DATASET=V1,V2", "help": "Restrict the variants run on one dataset, e.g. wikitext2=dpsnr-micro,dense-llama."})
+
+    def __post_init__(self):
+        for item in self.dataset_variants:
+            ds, _, names = item.partition("=")
+            if ds not in DATASETS or not names or any(n not in VARIANTS for n in names.split(",")):
+                raise ValueError(f"--dataset-variants {item!r}: expected DATASET=V1,V2 with known names")
+
+    def variants_for(self, dataset: str) -> list[str]:
+        restricted = [names for ds, _, names in (item.partition("=") for item in self.dataset_variants) if ds == dataset]
+        return restricted[-1].split(",") if restricted else self.variants
+
+
+@dataclass
+class BudgetArguments:
+    """What every run gets: the same tokens, data, tokenizer size, optimizer and seed."""
+
+    train_tokens: int = field(default=122_880, metadata={"help": "Training tokens per run (the equal budget)."})
+    block_size: int = 128
+    batch_size: int = 8
+    lr: float = 3e-3
+    pool_lr: float = 1e-2
+    vocab_size: int = field(default=4096, metadata={"help": "BPE learned on each dataset's train file (micro's vocabulary)."})
+    max_eval_blocks: int = 256
+    seed: int = 42
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+
+@dataclass
+class RunnerArguments:
+    """Where the runs execute and where their results go."""
+
+    device: str = field(default="cpu", metadata={"choices": ["cpu", "cuda"], "help": "Where every run trains (float32)."})
+    jobs: int = field(default=1, metadata={"help": "Datasets run in this many processes (one torch thread each)."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    output_dir: str = str(RESULTS)
+    output_name: str = field(default="compare", metadata={"help": "Stem of the JSON/markdown/PNG files written."})
+
+    def __post_init__(self):
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible")
+
+
+ARGUMENT_TYPES = (RunsArguments, BudgetArguments, RunnerArguments)
+# Options each child process of `--jobs N` gets its own value of (run_datasets_in_parallel).
+PER_PROCESS_OPTIONS = {"--jobs", "--datasets", "--threads", "--output-dir", "--output-name"}
+
+
 def dense_twin(cfg: DPSNRConfig) -> LlamaConfig:
     """A Llama with the DPSN-R controller's dimensions and nothing else."""
     return LlamaConfig(
@@ -87,17 +151,17 @@ def dense_twin(cfg: DPSNRConfig) -> LlamaConfig:
     )
 
 
-def run_variant(name, kind, overrides, data, tokenizer, args, workdir):
-    set_seed(args.seed)
+def run_variant(name, kind, overrides, data, tokenizer, budget: BudgetArguments, device: str, workdir):
+    set_seed(budget.seed)
     cfg = DPSNRConfig.from_preset("micro", eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                                   pad_token_id=tokenizer.pad_token_id, **overrides)
-    tokens_per_step = args.batch_size * args.block_size
-    steps = max(1, args.train_tokens // tokens_per_step)
+    tokens_per_step = budget.tokens_per_step
+    steps = max(1, budget.train_tokens // tokens_per_step)
     common = dict(
-        output_dir=str(workdir / name), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=32, learning_rate=args.lr, weight_decay=0.1, warmup_steps=max(1, steps // 20),
+        output_dir=str(workdir / name), max_steps=steps, per_device_train_batch_size=budget.batch_size,
+        per_device_eval_batch_size=32, learning_rate=budget.lr, weight_decay=0.1, warmup_steps=max(1, steps // 20),
         lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, seed=args.seed,
+        eval_strategy="no", report_to=[], use_cpu=device == "cpu", disable_tqdm=True, seed=budget.seed,
     )
     if kind == "dense":
         model = LlamaForCausalLM(dense_twin(cfg))
@@ -108,7 +172,7 @@ def run_variant(name, kind, overrides, data, tokenizer, args, workdir):
     else:
         model = DPSNRForCausalLM(cfg)
         total, active = count_parameters(model)
-        trainer = DPSNRTrainer(model=model, args=DPSNRTrainingArguments(pool_learning_rate=args.pool_lr, **common),
+        trainer = DPSNRTrainer(model=model, args=DPSNRTrainingArguments(pool_learning_rate=budget.pool_lr, **common),
                                train_dataset=data["train"], data_collator=default_data_collator)
     start = time.time()
     trainer.train()
@@ -191,115 +255,86 @@ def write_outputs(report: dict, out_dir: Path, name: str = "compare") -> None:
     fig.savefig(out_dir / f"{name}_curves.png", dpi=120)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--variants", nargs="+", default=GRID, choices=list(VARIANTS),
-                   help="default: every variant except the ponder-weight sweep")
-    p.add_argument("--dataset-variants", nargs="*", default=[], metavar="DATASET=V1,V2",
-                   help="restrict the variants run on one dataset, e.g. wikitext2=dpsnr-micro,dense-llama")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where every run trains (float32 throughout)")
-    p.add_argument("--jobs", type=int, default=1, help="datasets run in this many processes (one torch thread each)")
-    p.add_argument("--train-tokens", type=int, default=122_880, help="training tokens per run (the equal budget)")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--pool-lr", type=float, default=1e-2)
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE learned on each dataset's train file (micro's vocabulary)")
-    p.add_argument("--max-eval-blocks", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default=str(RESULTS))
-    p.add_argument("--output-name", default="compare", help="stem of the JSON/markdown/PNG files written")
-    args = p.parse_args(argv)
-    per_dataset = {}
-    for item in args.dataset_variants:
-        ds, _, names = item.partition("=")
-        if ds not in DATASETS or not names or any(n not in VARIANTS for n in names.split(",")):
-            p.error(f"--dataset-variants {item!r}: expected DATASET=V1,V2 with known names")
-        per_dataset[ds] = names.split(",")
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    argv = list(argv if argv is not None else sys.argv[1:])
-    report = {"command": "python -m eval.compare " + " ".join(argv),
-              "train_tokens": args.train_tokens, "tokens_per_step": args.batch_size * args.block_size,
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs, budget, runner = parse_dataclasses(ARGUMENT_TYPES, argv, description=__doc__.split("\n\n")[0])
+    if runner.threads:
+        torch.set_num_threads(runner.threads)
+    report = {"command": "dpsnr compare " + " ".join(argv),
+              "train_tokens": budget.train_tokens, "tokens_per_step": budget.tokens_per_step,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-              "settings": vars(args), "results": {}}
+                         + (f", {torch.cuda.get_device_name()}" if runner.device == "cuda" else ""),
+              "settings": {**asdict(runs), **asdict(budget), **asdict(runner)}, "results": {}}
     started = time.time()
-    if args.jobs > 1 and len(args.datasets) > 1:
-        report["results"] = run_datasets_in_parallel(argv, args)
+    if runner.jobs > 1 and len(runs.datasets) > 1:
+        report["results"] = run_datasets_in_parallel(argv, runs.datasets, runner)
         report["wall_seconds"] = round(time.time() - started)
-        write_outputs(report, Path(args.output_dir), args.output_name)
-        return summarise(report, args)
+        write_outputs(report, Path(runner.output_dir), runner.output_name)
+        return summarise(report, budget, runner)
     workdir = Path(tempfile.mkdtemp(prefix="dpsnr-compare-"))
     try:
-        for ds in args.datasets:
+        for ds in runs.datasets:
             data_kwargs, bpe_file = DATASETS[ds]
-            tok = train_bpe_tokenizer([str(resolve_data_path(bpe_file))], args.vocab_size, output_dir=str(workdir / f"tok-{ds}"))
-            data = build_datasets(DataArguments(block_size=args.block_size, max_eval_samples=args.max_eval_blocks, **data_kwargs),
-                                  tok, model_max_positions=512, model_vocab_size=args.vocab_size)
+            tok = train_bpe_tokenizer([str(resolve_data_path(bpe_file))], budget.vocab_size, output_dir=str(workdir / f"tok-{ds}"))
+            data = build_datasets(DataArguments(block_size=budget.block_size, max_eval_samples=budget.max_eval_blocks, **data_kwargs),
+                                  tok, model_max_positions=512, model_vocab_size=budget.vocab_size)
             rows = []
-            for name in per_dataset.get(ds, args.variants):
+            for name in runs.variants_for(ds):
                 kind, overrides = VARIANTS[name]
-                row = run_variant(name, kind, overrides, data, tok, args, workdir / ds)
+                row = run_variant(name, kind, overrides, data, tok, budget, runner.device, workdir / ds)
                 rows.append(row)
                 print(json.dumps({"dataset": ds, **{k: v for k, v in row.items() if k != "curve"}}), flush=True)
                 report["results"][ds] = rows
                 report["wall_seconds"] = round(time.time() - started)
-                write_outputs(report, Path(args.output_dir), args.output_name)
+                write_outputs(report, Path(runner.output_dir), runner.output_name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return summarise(report, args)
+    return summarise(report, budget, runner)
 
 
 def _drop_options(argv: list[str], names: set[str]) -> list[str]:
-    """argv without the named options and their values (values are the tokens up to the next option)."""
+    """argv without the named options and their values (values are the tokens up to the next option).
+    `names` are spelled with hyphens; `--output_name` and `--output-name` are the same option."""
     out, skipping = [], False
     for tok in argv:
         if tok.startswith("--"):
-            skipping = tok.split("=", 1)[0] in names
+            skipping = tok.split("=", 1)[0].replace("_", "-") in names
         if not skipping:
             out.append(tok)
     return out
 
 
-def run_datasets_in_parallel(argv: list[str], args) -> dict:
-    """One child process per dataset (at most `args.jobs` at a time), one torch thread each; merged results."""
-    base = _drop_options(argv, {"--jobs", "--datasets", "--threads", "--output-dir", "--output-name"})
+def run_datasets_in_parallel(argv: list[str], datasets: list[str], runner: RunnerArguments) -> dict:
+    """One child process per dataset (at most `runner.jobs` at a time), one torch thread each; merged results."""
+    base = _drop_options(argv, PER_PROCESS_OPTIONS)
     parts = Path(tempfile.mkdtemp(prefix="dpsnr-compare-parts-"))
-    results, pending, running = {}, list(args.datasets), []
+    results, pending, running = {}, list(datasets), []
     try:
         while pending or running:
-            while pending and len(running) < args.jobs:
+            while pending and len(running) < runner.jobs:
                 ds = pending.pop(0)
-                cmd = [sys.executable, "-m", "eval.compare", *base, "--datasets", ds, "--threads", str(args.threads or 1),
+                cmd = [sys.executable, "-m", "dpsnr", "compare", *base, "--datasets", ds, "--threads", str(runner.threads or 1),
                        "--output-dir", str(parts), "--output-name", ds]
                 running.append((ds, subprocess.Popen(cmd)))
             ds, proc = running.pop(0)
             if proc.wait() != 0:
                 for _, other in running:
                     other.kill()
-                raise SystemExit(f"eval.compare: the {ds} run failed (exit {proc.returncode}); its log is above")
+                raise SystemExit(f"dpsnr compare: the {ds} run failed (exit {proc.returncode}); its log is above")
             results[ds] = json.loads((parts / f"{ds}.json").read_text())["results"][ds]
     finally:
         shutil.rmtree(parts, ignore_errors=True)
-    return {ds: results[ds] for ds in args.datasets}
+    return {ds: results[ds] for ds in datasets}
 
 
-def summarise(report: dict, args) -> dict:
+def summarise(report: dict, budget: BudgetArguments, runner: RunnerArguments) -> dict:
     summary = {}
     for ds, rows in report["results"].items():
         by = {r["variant"]: r for r in rows}
         if "dpsnr-micro" in by and "dense-llama" in by:
             summary[ds] = round(100 * (1 - by["dpsnr-micro"]["heldout_perplexity"] / by["dense-llama"]["heldout_perplexity"]), 2)
     final = {"metric": "held-out perplexity reduction of dpsnr-micro vs dense-llama (%)", "by_dataset": summary,
-             "train_tokens": args.train_tokens, "results": str(Path(args.output_dir) / f"{args.output_name}.json")}
+             "train_tokens": budget.train_tokens, "results": str(Path(runner.output_dir) / f"{runner.output_name}.json")}
     print(json.dumps(final))
     return final
 

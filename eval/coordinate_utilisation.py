@@ -9,21 +9,22 @@ Both are averaged over the partitions (each is also reported). Held-out loss sho
 warp costs or gains in modelling.
 
 Byte-level TinyStories (vocabulary 256) keeps the run small and tokenizer-free.
-    python -m eval.coordinate_utilisation [--steps 300] [--output-dir eval/results]
+    dpsnr coordinate-utilisation [--steps 300] [--output-dir eval/results]
 Prints one JSON line last; writes eval/results/coordinate_utilisation.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from eval.common import json_line, write_json
-from eval.pool_health import usage_statistics
+from dpsnr.eval.common import json_line, write_json
+from dpsnr.eval.pool_health import usage_statistics
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from training.data import resolve_data_path
+from dpsnr.scripting import parse_dataclasses
+from dpsnr.training.data import resolve_data_path
 
 MODEL = dict(
     vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_prelude_layers=1,
@@ -75,16 +76,19 @@ def run(balance: str, train: torch.Tensor, heldout: torch.Tensor, steps: int, ba
     return record
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--momentum", type=float, default=DPSNRConfig.indexer_balance_momentum)
-    parser.add_argument("--balances", nargs="+", default=["none", "quantile"])
-    parser.add_argument("--output-dir", default="eval/results")
-    args = parser.parse_args(argv)
+@dataclass
+class UtilisationArguments:
+    steps: int = 300
+    batch: int = 16
+    block: int = 128
+    seed: int = 0
+    momentum: float = DPSNRConfig.indexer_balance_momentum
+    balances: list[str] = field(default_factory=lambda: ["none", "quantile"])
+    output_dir: str = "eval/results"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_dataclasses((UtilisationArguments,), argv, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(1)
     data = byte_stream(resolve_data_path("tinystories/TinyStories-train.head-2316.txt"))
     cut = int(data.numel() * 0.95)

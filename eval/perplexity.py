@@ -25,7 +25,7 @@ window. Bits per byte (NLL summed, in bits, over the UTF-8 bytes of the text) co
 with different tokenizers; it is reported when the whole text is scored.
 
 CLI (prints one JSON line last):
-    python -m eval.perplexity --model PATH --dataset wikitext2 --split test \\
+    dpsnr perplexity --model PATH --dataset wikitext2 --split test \\
         --max-length 512 --stride 256 [--max-tokens N] [--batch-size 4] [--output out.json]
 """
 
@@ -177,9 +177,10 @@ class PerplexityArguments:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, json_line, parse_cli, prepare_eval, write_json
+    from .common import EvalArguments, json_line, prepare_eval, write_json
+    from dpsnr.scripting import parse_dataclasses
 
-    args, out_args = parse_cli((EvalArguments, PerplexityArguments), argv)
+    args, out_args = parse_dataclasses((EvalArguments, PerplexityArguments), argv)
     model, tokenizer, ids, info, stride = prepare_eval(args)
 
     start = time.perf_counter()
@@ -199,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .common import setup_script_logging
+    from dpsnr.scripting import setup_script_logging
 
     setup_script_logging()
     main()

@@ -21,7 +21,7 @@ Also: the histogram of steps (1 .. loop_max_steps) and the Pearson and Spearman 
 (Spearman = Pearson of average ranks, ties shared) between steps at t and the NLL of t + 1.
 
 CLI (markdown + PNG + JSON in --output-dir; one JSON line last):
-    python -m eval.reasoning_analytics --model PATH --dataset tinystories --split test \\
+    dpsnr analytics --model PATH --dataset tinystories --split test \\
         --max-length 512 --stride 256 [--max-tokens N] [--output-dir eval/results]
 """
 
@@ -267,9 +267,10 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from .common import EvalArguments, ReportArguments, json_line, parse_cli, prepare_eval
+    from .common import EvalArguments, ReportArguments, json_line, prepare_eval
+    from dpsnr.scripting import parse_dataclasses
 
-    args, out = parse_cli((EvalArguments, ReportArguments), argv)
+    args, out = parse_dataclasses((EvalArguments, ReportArguments), argv)
     model, tokenizer, ids, info, stride = prepare_eval(args)
     report = reasoning_analytics(model, tokenizer, ids, args.max_length, stride, args.batch_size)
     report.update(model=args.model, context=args.max_length, stride=stride, **info)
@@ -281,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .common import setup_script_logging
+    from dpsnr.scripting import setup_script_logging
 
     setup_script_logging()
     main()

@@ -12,7 +12,7 @@ an honest baseline and at this machine's scale:
 3. metric: held-out WikiText-2 perplexity (valid.txt, the first 256 blocks of 256 tokens), the
    perplexity of the pretrained model before any continuation, trained parameters, training tokens/s.
 
-    python -m eval.retrofit_study [--tokens 358400] [--base-lr 1e-3]
+    dpsnr retrofit-study [--tokens 358400] [--base-lr 1e-3]
 Writes eval/results/retrofit_study.json (+ .md); prints one JSON line last.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.study import BATCH, BLOCK, CACHE, MAIN_JOB_TOKENS, blocks_for, provenance, tokenizer_for
+from dpsnr.eval.study import BATCH, BLOCK, CACHE, MAIN_JOB_TOKENS, blocks_for, provenance, tokenizer_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORIES = {
@@ -77,7 +77,7 @@ def pretrained_base(tok, base_lr: float, seed: int):
     """The dense twin trained on TinyStories (cached: the same base for every continuation)."""
     from transformers import LlamaForCausalLM
 
-    from eval.study import RunSpec, build_model
+    from dpsnr.eval.study import RunSpec, build_model
 
     folder = CACHE / f"retrofit-base-lr{base_lr:g}-s{seed}"
     if (folder / "config.json").exists():
@@ -94,7 +94,7 @@ def pretrained_base(tok, base_lr: float, seed: int):
 
 def wikitext_blocks(tok) -> dict[str, np.ndarray]:
     """WikiText-2 under the pretrained model's (TinyStories) tokenizer, cached."""
-    from training.data import DataArguments, build_datasets
+    from dpsnr.training.data import DataArguments, build_datasets
 
     path = CACHE / f"blocks-wikitext2-tstok-{BLOCK}.npz"
     if path.exists():

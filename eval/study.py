@@ -20,9 +20,10 @@ Protocol (issues "the loop must earn its compute" and "the pool must be used"):
   Tokens/s come from runs that share the machine with another run: compare them within a run pair
   only; `eval/bench_throughput.py` measures speed properly.
 
-    python -m eval.study run --grid configuration/studies/loop_pool.yaml --jobs 2 [--only REGEX]
-    python -m eval.study one --dataset tinystories --variant block-act --lr 3e-3 [--tokens N] [--seed S]
-    python -m eval.study report [--grid ...]   # eval/results/study/*.json → study.md + PNG, one JSON line
+    dpsnr study run --grid configuration/studies/loop_pool.yaml --jobs 2 [--only REGEX]
+    dpsnr study one --dataset tinystories --variant block-act --lr 3e-3 [--tokens N] [--seed S]
+    dpsnr study report [--grid ...]   # eval/results/study/*.json → study.md + PNG, one JSON line
+(`python -m dpsnr.eval.study ...` is the same.)
 
 Records: eval/results/study/<run name>.json (command, budget, machine, commit, versions, metrics).
 """
@@ -106,8 +107,8 @@ class RunSpec:
 def tokenizer_for(dataset: str):
     from transformers import AutoTokenizer
 
-    from training.data import resolve_data_path
-    from training.tokenizer import train_bpe_tokenizer
+    from dpsnr.training.data import resolve_data_path
+    from dpsnr.training.tokenizer import train_bpe_tokenizer
 
     folder = CACHE / f"tok-{dataset}"
     if (folder / "tokenizer.json").exists():
@@ -118,7 +119,7 @@ def tokenizer_for(dataset: str):
 
 def blocks_for(dataset: str, tokenizer) -> dict[str, np.ndarray]:
     """(train, validation) int32 arrays of shape (blocks, 256), cached beside the tokenizer."""
-    from training.data import DataArguments, _local_documents, build_datasets, resolve_data_path, tokenize_and_pack
+    from dpsnr.training.data import DataArguments, _local_documents, build_datasets, resolve_data_path, tokenize_and_pack
 
     path = CACHE / f"blocks-{dataset}-{BLOCK}.npz"
     if path.exists():
@@ -178,7 +179,7 @@ def flops_per_token(kind: str, cfg, mean_steps: float | None, training: bool) ->
 @torch.no_grad()
 def evaluate(model, kind: str, blocks: np.ndarray, max_steps: int | None) -> dict:
     """Held-out NLL (LM part only), mean steps and their histogram, pool usage per partition."""
-    from eval.pool_health import usage_statistics
+    from dpsnr.eval.pool_health import usage_statistics
 
     model.eval()
     nll, count, steps_sum = 0.0, 0, 0.0
@@ -223,7 +224,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from training.trainer import DPSNRTrainer, DPSNRTrainingArguments
+    from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
     torch.set_num_threads(threads)
     tok = tokenizer_for(spec.dataset)
@@ -283,7 +284,7 @@ def provenance() -> dict:
             return None
 
     return {
-        "command": "python -m eval.study " + " ".join(sys.argv[1:]),
+        "command": "dpsnr study " + " ".join(sys.argv[1:]),
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -350,7 +351,7 @@ def run_grid(grid: str, jobs: int, only: str | None) -> None:
             if spec.dataset not in prepared:  # tokenizer and blocks once, before runs share them
                 blocks_for(spec.dataset, tokenizer_for(spec.dataset))
                 prepared.add(spec.dataset)
-            cmd = [sys.executable, "-m", "eval.study", "one", "--spec", json.dumps(asdict(spec))]
+            cmd = [sys.executable, "-m", "dpsnr.eval.study", "one", "--spec", json.dumps(asdict(spec))]
             log = open(CACHE / f"{spec.name}.log", "w")
             running.append((spec, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
             print(f"study: started {spec.name} ({len(pending)} more pending)", flush=True)
@@ -396,7 +397,7 @@ def main(argv=None):
         print(json.dumps({"run": spec.name, "heldout_perplexity": round(m["heldout_perplexity"], 3),
                           "mean_steps": m.get("mean_steps"), "train_tokens_per_second": round(m["train_tokens_per_second"], 1)}))
     else:
-        from eval.study_report import main as report_main
+        from dpsnr.eval.study_report import main as report_main
 
         report_main(args.grid)
 

@@ -109,7 +109,7 @@ class DPSNRConfig(PreTrainedConfig):
             norm(h) + step embedding, the design's formula. "state+token" adds the normalised input
             embedding of the token itself. With "state" the hidden states collapse across tokens in
             the early unigram phase, every token selects the same entries and halting falls to one
-            step. `python -m eval.compare --jobs 2` (micro, 122,880 tokens; eval/results/compare.json),
+            step. `dpsnr compare --jobs 2` (micro, 122,880 tokens; eval/results/compare.json),
             TinyStories: "state" reaches held-out ppl 242.8 with 1.0 mean steps and 0.46 % of
             knowledge rows read; "state+token" 86.8, 4.0 steps, 4.3 % (a dense Llama of the
             controller's size: 191.0).

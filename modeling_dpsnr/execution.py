@@ -23,7 +23,7 @@ class ExecutionPlan:
         halting); "static" runs every token through every step with masks (XLA, torch.compile,
         torch.export); "auto" is static on XLA devices and while compiling or exporting, eager otherwise.
     pool_sparse_grads: the entry tables produce sparse (COO) gradients, for a row-wise optimizer
-        (`training.pool_optim.SparseRowAdam`). Off by default so any optimizer works.
+        (`dpsnr.training.pool_optim.SparseRowAdam`). Off by default so any optimizer works.
     pool_row_gather: `f(table, idx) -> table[idx]` replacing the plain row read (row-sharded tables,
         see training/distributed.py); None reads rows with `F.embedding`.
     """

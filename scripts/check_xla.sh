@@ -39,34 +39,9 @@ if ! "$VENV/bin/python" -c "import torch, torch_xla; assert torch.__version__.st
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN" "$XLA_PIN"
 fi
 CONSTRAINTS="$(mktemp)"
-SUMMARY="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS" "$SUMMARY"' EXIT
+trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "$TORCH_PIN" > "$CONSTRAINTS"  # nothing below may replace the torch that torch_xla needs
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" $HF_PINS pyyaml "pytest>=8" "pytest-timeout>=2"
 
-set +e
-(
-  cd "$ROOT"
-  PJRT_DEVICE=CPU PYTHONPATH="$ROOT" DPSNR_XLA_SUMMARY="$SUMMARY" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/xla "$@" >&2
-)
-status=$?
-set -e
-
-"$VENV/bin/python" - "$SUMMARY" "$status" <<'EOF'
-import json, sys
-import torch, torch_xla, transformers, accelerate
-path, status = sys.argv[1], int(sys.argv[2])
-try:
-    checks = json.load(open(path))
-except (OSError, ValueError):
-    checks = {}
-print(json.dumps({
-    "passed": status == 0, "pytest_exit_code": status,
-    "torch": torch.__version__, "torch_xla": torch_xla.__version__,
-    "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-    "checks": checks,
-}))
-EOF
-exit "$status"
+PJRT_DEVICE=CPU "$VENV/bin/python" "$ROOT/scripts/run_device_checks.py" tests/xla "$@"

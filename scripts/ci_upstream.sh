@@ -9,7 +9,8 @@
 #
 # Each job builds its own venv (.venv-<job>, torch 2.13.0 CPU first so nothing pulls CUDA wheels),
 # installs the package without its pins, and runs the tests that touch the transformers API: model,
-# generation, cache, storage / remote code, training with the Trainer. Prints the versions it tested.
+# generation, cache, storage / remote code, training with the Trainer and the private Trainer hooks
+# DPSNRTrainer overrides (tests/test_trainer_hooks.py). Prints the versions it tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOB=${1:?usage: scripts/ci_upstream.sh newest|floor}
@@ -22,6 +23,7 @@ case "$JOB" in
   *) echo "unknown job $JOB (newest|floor)" >&2; exit 2 ;;
 esac
 TESTS=(tests/test_modeling.py tests/test_reasoning.py tests/test_storage.py tests/test_config.py tests/test_training.py
+       tests/test_trainer_hooks.py
        tests/test_pool.py tests/test_coordinate.py)
 [ -f tests/test_export.py ] && TESTS+=(tests/test_export.py)
 [ -f tests/test_offload.py ] && TESTS+=(tests/test_offload.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-from training.data import (
+from dpsnr.training.data import (
     EOS_SEPARATOR,
     DataArguments,
     build_datasets,
@@ -20,7 +20,7 @@ from training.data import (
     load_text_for_eval,
     read_documents,
 )
-from training.tokenizer import load_gpt2_tokenizer
+from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TINYSTORIES = DATA / "tinystories" / "TinyStories-train.head-2316.txt"

@@ -33,19 +33,20 @@ STEPS = 3
 TRAIN_AND_DUMP = textwrap.dedent("""
     import sys
     from safetensors.torch import save_file
-    from training import trainer as t
+    from dpsnr.training import trainer as t
+    from dpsnr.training.distributed import unwrap_model
 
     train = t.DPSNRTrainer.train
 
     def train_and_dump(self, *args, **kwargs):
         out = train(self, *args, **kwargs)
-        params = {n: p.detach().cpu().contiguous() for n, p in t._unwrap(self.model).named_parameters()}
+        params = {n: p.detach().cpu().contiguous() for n, p in unwrap_model(self.model).named_parameters()}
         rank, world = self.args.process_index, self.args.world_size
         save_file(params, f"{self.args.output_dir}/rank{rank}-of-{world}.safetensors")
         return out
 
     t.DPSNRTrainer.train = train_and_dump
-    from training.train import main
+    from dpsnr.training.train import main
     main(sys.argv[1:])
 """)
 
@@ -76,7 +77,7 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(tmp_path)
     common = ["--config", str(DEBUG_RECIPE), "--max_steps", str(STEPS), "--sample_max_new_tokens", "0",
               "--save_strategy", "no", "--disable_tqdm", "true", "--adam_epsilon", "1e-5"]
     one, two = tmp_path / "one-process", tmp_path / "two-processes"
-    single = subprocess.run([sys.executable, "-m", "training.train", *common, "--output_dir", str(one),
+    single = subprocess.run([sys.executable, "-m", "dpsnr", "train", *common, "--output_dir", str(one),
                              "--per_device_train_batch_size", "8"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-4000:]
 
@@ -113,7 +114,7 @@ def _sparse(rows: list[int], seed: int, n: int = 10, d: int = 3) -> torch.Tensor
 
 
 def _check_sparse_all_reduce(rank: int) -> dict:
-    from training import distributed
+    from dpsnr.training import distributed
 
     # per rank: table 0 read by both ranks (with repeated rows), table 1 read by rank 0 only
     reads = {0: ([1, 1, 4], [7]), 1: ([4, 9, 9, 9], None)}
@@ -145,7 +146,7 @@ def _check_row_sharded_pool(rank: int, **overrides) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     from modeling_dpsnr import DPSNRForCausalLM
-    from training.distributed import shard_pool_rows
+    from dpsnr.training.distributed import shard_pool_rows
 
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.common import EvalArguments, eval_documents
-from eval.perplexity import compute_perplexity, iter_scored_windows, sliding_windows
-from eval.perplexity import main as perplexity_main
-from eval.pool_health import evaluate_pool_usage, usage_statistics, write_pool_report
-from eval.pool_health import main as pool_health_main
-from eval.reasoning_analytics import (
+from dpsnr.eval.common import EvalArguments, eval_documents
+from dpsnr.eval.perplexity import compute_perplexity, iter_scored_windows, sliding_windows
+from dpsnr.eval.perplexity import main as perplexity_main
+from dpsnr.eval.pool_health import evaluate_pool_usage, usage_statistics, write_pool_report
+from dpsnr.eval.pool_health import main as pool_health_main
+from dpsnr.eval.reasoning_analytics import (
     COMPLEX, MEDIUM, TRIVIAL, classify_tokens, collect_records, is_trivial_text, reasoning_analytics, spearman,
     tokenizer_text, write_analytics_report,
 )
-from eval.reasoning_analytics import main as analytics_main
+from dpsnr.eval.reasoning_analytics import main as analytics_main
 from modeling_dpsnr import DPSNRForCausalLM
-from training.tokenizer import load_gpt2_tokenizer
+from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SENTENCES = (
@@ -272,12 +272,26 @@ def test_pool_health_report(gpt2_model_and_ids, tmp_path):
 
 def test_tinystories_held_out_rule():
     path = DATA / "tinystories" / "tinystories_sample.cs336.txt"
-    args = dict(model="unused", dataset="tinystories", data_file=str(path), heldout_fraction=0.2)
+    args = dict(model="unused", dataset="tinystories", data_file=str(path), validation_split_percentage=20)
     test_docs, sep, rule = eval_documents(EvalArguments(split="test", **args))
     train_docs, _, _ = eval_documents(EvalArguments(split="train", **args))
     assert sep == "eos" and len(test_docs) == 1 and len(train_docs) == 4  # 5 stories: the last one is held out
     assert path.read_text().split("<|endoftext|>")[4].strip() == test_docs[0]
     assert "last 1 of 5" in rule
+
+
+def test_evaluation_holds_out_exactly_the_stories_training_held_out(tmp_path):
+    from dpsnr.training.data import DataArguments, held_out_count, load_documents
+
+    path = DATA / "tinystories" / "tinystories_sample.cs336.txt"
+    for percentage in (3, 20, 50):  # 5 stories: 0.15 rounds up to one story, 2.5 down to two
+        docs = load_documents(DataArguments(train_file=str(path), validation_split_percentage=percentage,
+                                            cache_dir=str(tmp_path / f"c{percentage}")))
+        held, _, _ = eval_documents(EvalArguments(model="unused", dataset="tinystories", data_file=str(path),
+                                                  validation_split_percentage=percentage))
+        assert list(docs["validation"]["text"]) == held and len(held) == held_out_count(5, percentage)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        held_out_count(1, 50)
 
 
 def test_clis_on_a_saved_model(gpt2_model_and_ids, tmp_path, capsys):
@@ -334,7 +348,7 @@ def test_perplexity_cli_on_a_transformers_baseline_with_a_config_file(tmp_path, 
 
 # ---------------------------------------------------------------------------- comparison plumbing
 def test_parallel_compare_children_get_the_shared_options_but_not_the_per_process_ones():
-    from eval.compare import _drop_options
+    from dpsnr.eval.compare import _drop_options
 
     argv = ["--jobs", "2", "--datasets", "tinystories", "wikitext2", "--train-tokens", "2048",
             "--variants", "dpsnr-micro", "dense-llama", "--threads=3", "--output-name", "x"]
@@ -343,7 +357,7 @@ def test_parallel_compare_children_get_the_shared_options_but_not_the_per_proces
 
 
 def test_seed_spread_section_by_hand(tmp_path):
-    from eval.make_results_page import section_seed_spread
+    from dpsnr.eval.make_results_page import section_seed_spread
 
     def run(seed, micro, dense):
         rows = [{"variant": "dpsnr-micro", "heldout_perplexity": micro}, {"variant": "dense-llama", "heldout_perplexity": dense}]

@@ -118,7 +118,7 @@ def test_rows_are_the_same_in_another_process():
 
 # ---------------------------------------------------------------------------- gradients and the optimizer
 def test_sparse_row_adam_changes_only_the_rows_looked_up():
-    from training.pool_optim import SparseRowAdam
+    from dpsnr.training.pool_optim import SparseRowAdam
 
     model = _model(**HASHED).train()
     model.set_execution(pool_sparse_grads=True)

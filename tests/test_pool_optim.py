@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.pool_optim import SparseRowAdam, clip_grad_norm_
+from dpsnr.training.pool_optim import SparseRowAdam, clip_grad_norm_
 
 # Building COO tensors from raw indices warns about disabled invariant checks; not our concern.
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")

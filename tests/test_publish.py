@@ -2,19 +2,17 @@
 
 One small model (the `debug` preset with GPT-2's vocabulary and tokenizer) is trained-free but
 real: saved by its own `save_pretrained` with the pool in several shards, evaluated by
-`eval.perplexity`, published by `training.publish`, put into a Hub-layout cache and loaded by repo
+`dpsnr perplexity`, published by `dpsnr publish`, put into a Hub-layout cache and loaded by repo
 id in a fresh process where `modeling_dpsnr` cannot be imported and the Hub is offline.
 """
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import entry_points
 from pathlib import Path
 from unittest import mock
 
@@ -28,9 +26,10 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from modeling_dpsnr import DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, count_parameters
 from modeling_dpsnr.pool_files import PoolStorageError
-from training import generate, publish
-from training.model_card import check_card
-from training.tokenizer import load_gpt2_tokenizer
+from dpsnr.eval import generate
+from dpsnr.hub import publish
+from dpsnr.hub.model_card import check_card
+from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
 REPO = "testorg/dpsnr-debug"
 TINY_REPO = "testorg/dpsnr-tiny"
@@ -39,8 +38,6 @@ PROMPT = "Once upon a time there was"
 TEXT = ("Once upon a time there was a little dog named Max. Max liked to run in the park with his friend Sue. "
         "One day the sun was very hot, and Max was thirsty, so Sue gave him some water.\n")
 RECIPE = Path(__file__).resolve().parents[1] / "configuration" / "recipes" / "debug-tinystories.yaml"
-SCRIPTS = ["dpsnr-train", "dpsnr-publish", "dpsnr-generate", "dpsnr-eval-perplexity", "dpsnr-eval-analytics",
-           "dpsnr-pool-health"]
 
 
 def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
@@ -62,7 +59,7 @@ def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    from eval import perplexity
+    from dpsnr.eval import perplexity
 
     root = tmp_path_factory.mktemp("publish")
     tokenizer = load_gpt2_tokenizer()
@@ -190,7 +187,7 @@ def test_a_preset_without_weights_gets_config_code_and_a_card_that_says_so(publi
 def test_large_preset_card_explains_how_its_pool_shards_are_produced(tmp_path):
     assert publish.main(["--preset", "1.5b-100b", "--output-dir", str(tmp_path / "big")]) == 0
     text = (tmp_path / "big" / "README.md").read_text()
-    assert "python -m training.pool_tool init --config 1.5b-100b" in text
+    assert "dpsnr pool-tool init --preset 1.5b-100b" in text
     assert "43 pool shards" in text and "No trained weights" in text
     assert f"{MEASURED['1.5b-100b'][0]:,}" in text
 
@@ -204,7 +201,7 @@ def test_bad_inputs_are_refused_at_the_boundary(published, tmp_path):
                       "--eval-results", str(tmp_path / "other.json")])
     assert not out.exists()  # inputs are checked before anything is written
     (tmp_path / "bad.json").write_text(json.dumps({"ppl": 3.0}))
-    with pytest.raises(ValueError, match="not a record of eval.perplexity"):
+    with pytest.raises(ValueError, match="not a record of `dpsnr perplexity`"):
         publish.main(["--checkpoint", ckpt, "--preset", "debug", "--output-dir", str(tmp_path / "o2"),
                       "--eval-results", str(tmp_path / "bad.json")])
     with pytest.raises(FileExistsError, match="not empty"):
@@ -306,22 +303,3 @@ def test_generate_cli_prints_text_statistics_and_a_json_line(published, capsys):
     last = json.loads(lines[-1])
     assert last["new_tokens"] == 5 and last["avg_loops"] == stats["avg_loops"]
     assert any(line.startswith("token") and "steps" in line for line in lines)
-
-
-# ---------------------------------------------------------------------------- console scripts
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_console_script_is_installed_and_answers_help(name, monkeypatch, capsys):
-    assert (Path(sys.executable).parent / name).is_file(), f"{name} not installed: pip install -e ."
-    (entry,) = entry_points(group="console_scripts", name=name)
-    monkeypatch.setattr(sys, "argv", [name, "--help"])
-    eval_logger = logging.getLogger("eval")
-    monkeypatch.setattr(eval_logger, "level", eval_logger.level)  # the eval scripts raise it to INFO
-    with pytest.raises(SystemExit) as exit_info:
-        entry.load()()  # as the installed wrapper calls it
-    assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out.lower()
-
-
-def test_installed_publish_script_runs_as_a_program():
-    res = subprocess.run([str(Path(sys.executable).parent / "dpsnr-publish"), "--help"], capture_output=True, text=True)
-    assert res.returncode == 0 and "--push" in res.stdout

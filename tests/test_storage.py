@@ -328,7 +328,7 @@ def test_push_to_hub_uploads_the_pool_files_too(tmp_path, monkeypatch):
 
 
 def test_pool_tool_initialises_a_checkpoint_and_grows_it(tmp_path):
-    from training.pool_tool import grow_checkpoint, init_checkpoint, load_config
+    from dpsnr.pool_tool import grow_checkpoint, init_checkpoint, load_config
 
     config = load_config("debug", {"pool_retrieval": "coordinate", "pool_entry": "value", "indexer_window": 8})
     index = init_checkpoint(config, tmp_path / "a", torch.bfloat16, max_shard_size=200_000)

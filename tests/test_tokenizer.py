@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from training.data import read_documents
-from training.tokenizer import EOS_TOKEN, GPT2_TOKENIZER_DIR, load_gpt2_tokenizer, main, train_bpe_tokenizer
+from dpsnr.training.data import read_documents
+from dpsnr.training.tokenizer import EOS_TOKEN, GPT2_TOKENIZER_DIR, load_gpt2_tokenizer, main, train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = REPO / "data" / "tinystories" / "TinyStories-train.head-2316.txt"
@@ -76,7 +76,7 @@ def test_tokenizer_files_ship_with_the_package():
     assert expected <= names
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    assert cfg["options.package_data"]["training"].strip() == "tokenizer_files/gpt2/*"
+    assert cfg["options.package_data"]["dpsnr.training"].strip() == "tokenizer_files/gpt2/*"
 
 
 # ----------------------------------------------------------------------------- trained BPE

@@ -18,9 +18,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_dpsnr import DPSNRForCausalLM
-from training.pool_optim import SparseRowAdam
-from training.train import main, parse_args
-from training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
+from dpsnr.training.pool_optim import SparseRowAdam
+from dpsnr.training.train import main, parse_args
+from dpsnr.training.optimizer import ChainedOptimizer
+from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
 from conftest import tiny_model
 
@@ -87,6 +88,26 @@ def test_plain_transformers_trainer_trains_the_dense_path(tmp_path):
     assert model(batch, labels=batch).lm_loss.item() < before - 0.05
 
 
+def test_ponder_warmup_leaves_the_ponder_term_out_and_checkpoints_keep_the_configured_weight(tmp_path):
+    model = tiny_model()
+    weight = model.config.loop_ponder_weight
+    args = _args(DPSNRTrainingArguments, tmp_path, ponder_warmup_ratio=0.5, logging_steps=1, save_strategy="steps",
+                 save_steps=2)
+    DPSNRTrainer(model=model, args=args, train_dataset=_dataset()).train()
+    logs = {h["step"]: h for h in model_logs(tmp_path / "checkpoint-8")}
+    for step in (1, 2, 3, 4):  # global steps 0..3 < 0.5 × 8: the loss is the LM loss alone
+        assert logs[step]["loss"] == pytest.approx(logs[step]["lm_loss"], abs=1e-4)
+    for step in (5, 6, 7, 8):
+        with_ponder = logs[step]["lm_loss"] + weight * logs[step]["ponder_loss"]
+        assert logs[step]["loss"] == pytest.approx(with_ponder, abs=1e-3) and weight * logs[step]["ponder_loss"] > 1e-2
+    assert json.loads((tmp_path / "checkpoint-2" / "config.json").read_text())["loop_ponder_weight"] == weight
+    assert model.config.loop_ponder_weight == weight
+
+
+def model_logs(checkpoint: Path) -> list[dict]:
+    return [h for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
 def test_checkpoints_hold_no_pickles_and_resume(tmp_path):
     args = _args(DPSNRTrainingArguments, tmp_path, save_strategy="steps", save_steps=4)
     DPSNRTrainer(model=tiny_model(), args=args, train_dataset=_dataset()).train()
@@ -124,7 +145,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def _train_cmd(out, extra=()):
-    return [sys.executable, "-m", "training.train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
+    return [sys.executable, "-m", "dpsnr", "train", "--config", str(DEBUG_RECIPE), "--output_dir", str(out), *extra]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -138,7 +159,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     # SIGKILL lands between checkpoints.
     slow = textwrap.dedent(f"""
         import sys, time
-        from training import trainer as t
+        from dpsnr.training import trainer as t
         step = t.DPSNRTrainer.training_step
         def slow_step(self, *a, **k):
             out = step(self, *a, **k)
@@ -146,8 +167,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
                 time.sleep(0.5)
             return out
         t.DPSNRTrainer.training_step = slow_step
-        from training.train import main
-        main({[str(x) for x in _train_cmd(killed)[3:]]!r})
+        from dpsnr.training.train import main
+        main({[str(x) for x in _train_cmd(killed)[4:]]!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

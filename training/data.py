@@ -358,16 +358,25 @@ def load_documents(args: DataArguments) -> DatasetDict:
     return DatasetDict(train=splits["train"], validation=splits["validation"])
 
 
-def _hold_out_validation(train: Dataset, args: DataArguments, source: str) -> DatasetDict:
-    pct = args.validation_split_percentage
-    n_val = int(len(train) * pct / 100)
-    if n_val < 1 or n_val >= len(train):
+def held_out_count(num_documents: int, percentage: float, source: str = "the source") -> int:
+    """How many documents, taken from the end in file order, a source without a validation split
+    holds out: ⌊num_documents × percentage / 100⌋, at least one, and never all of them.
+
+    The one rule for training (`_hold_out_validation`) and evaluation (`dpsnr perplexity --dataset
+    tinystories`, eval/common.py): evaluation never scores a story the model trained on.
+    """
+    n_held = max(1, int(num_documents * percentage / 100))
+    if n_held >= num_documents:
         raise ValueError(
-            f"{source}: cannot hold out {pct}% of {len(train)} documents as validation "
-            f"({n_val} documents); give validation_file or change validation_split_percentage"
+            f"{source}: cannot hold out {percentage}% of {num_documents} documents and keep some to train on; "
+            "give validation_file or change validation_split_percentage"
         )
-    # The last documents in file order: deterministic, and the same rule eval/ uses for a
-    # held-out TinyStories split, so evaluation never scores stories the model trained on.
+    return n_held
+
+
+def _hold_out_validation(train: Dataset, args: DataArguments, source: str) -> DatasetDict:
+    n_val = held_out_count(len(train), args.validation_split_percentage, source)
+    # The last documents in file order: deterministic, and the rule eval/ uses for TinyStories.
     parts = {"train": train.select(range(len(train) - n_val)), "test": train.select(range(len(train) - n_val, len(train)))}
     return DatasetDict(train=parts["train"], validation=parts["test"])
 

@@ -51,16 +51,17 @@ def sparse_grads_supported(device: torch.device | str) -> bool:
     return not is_xla_device(device)
 
 
-def pool_table_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Fully qualified name → entry table, for every pool table of a DPSN-R model (or a wrapper)."""
-    tables = {id(p) for p in _core(model).pool.entry_parameters()}
-    return {name: p for name, p in model.named_parameters() if id(p) in tables}
-
-
-def _core(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / accelerate wrappers (each keeps it as `.module`)."""
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def pool_table_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Fully qualified name → entry table, for every pool table of a DPSN-R model (or a wrapper)."""
+    tables = {id(p) for p in unwrap_model(model).pool.entry_parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in tables}
 
 
 # ---------------------------------------------------------------------------- data parallel
@@ -139,7 +140,7 @@ def shard_pool_rows(model: nn.Module, mesh) -> nn.Module:
     tests/xla/). The pool's gradients become dense (sharded) tensors: train a sharded pool with a
     dense optimizer (`pool_optimizer="dense"`).
     """
-    core = _core(model)
+    core = unwrap_model(model)
     if getattr(mesh, "ndim", len(getattr(mesh, "mesh_shape", (0, 0)))) != 1:
         raise ValueError(f"shard_pool_rows: expected a 1-D mesh, got {mesh!r}")
     core.set_execution(pool_sparse_grads=False)

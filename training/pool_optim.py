@@ -53,14 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SparseRowAdam", "clip_grad_norm_"]
+__all__ = ["SparseRowAdam", "clip_grad_norm_", "segment_sum"]
 
 # Added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does, so a zero
 # gradient gives a finite coefficient.
 _CLIP_EPS = 1e-6
 
 
-def _segment_sum(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def segment_sum(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Sum the rows of ``values`` (nnz, d) that share an ``index`` (nnz,).
 
     Returns ``(rows, summed)``: the sorted distinct indices (U,) and their sums (U, d).
@@ -92,7 +92,7 @@ def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
         # Row-sparse layout of F.embedding / F.embedding_bag: indices (1, nnz), values (nnz, d).
         if grad.is_coalesced():
             return grad._indices()[0], grad._values()
-        return _segment_sum(grad._indices()[0], grad._values())
+        return segment_sum(grad._indices()[0], grad._values())
     if grad.sparse_dim() == 2:
         # Element-sparse layout (e.g. Tensor.to_sparse()): coalesce sums duplicates and sorts
         # (row, col) pairs, so the rows come out grouped; scatter each into its row's slot.

@@ -10,22 +10,24 @@ ever unknown and decode(encode(text)) == text for any string. `<|endoftext|>` is
 special token and gets id 0 (the `tokenizers` trainer puts special tokens first; GPT-2 has it
 last, at 50256). It serves as eos, bos, unk and pad, as in GPT-2.
 
-CLI:  python -m training.tokenizer --files a.txt b.txt --vocab-size 4096 --output-dir out/
+CLI:  dpsnr tokenizer --files a.txt b.txt --vocab-size 4096 --output-dir out/
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging
+
+from dpsnr.scripting import parse_dataclasses
 
 logger = logging.get_logger(__name__)
 
@@ -109,16 +111,19 @@ def train_bpe_tokenizer(
     return tokenizer
 
 
+@dataclass
+class TokenizerArguments:
+    """Train a byte-level BPE tokenizer (GPT-2 style) and save it for AutoTokenizer."""
+
+    files: list[str] = field(metadata={"help": "UTF-8 text files to train on."})
+    vocab_size: int = field(metadata={"help": "Total size incl. 256 bytes and <|endoftext|>."})
+    output_dir: str = field(metadata={"help": "Folder for tokenizer.json + tokenizer_config.json."})
+    min_frequency: int = field(default=2, metadata={"help": "Minimum pair count for a merge."})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.tokenizer",
-        description="Train a byte-level BPE tokenizer (GPT-2 style) and save it for AutoTokenizer.",
-    )
-    parser.add_argument("--files", nargs="+", required=True, help="UTF-8 text files to train on")
-    parser.add_argument("--vocab-size", type=int, required=True, help="total size incl. 256 bytes and <|endoftext|>")
-    parser.add_argument("--output-dir", required=True, help="folder for tokenizer.json + tokenizer_config.json")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    args = parser.parse_args(argv)
+    (args,) = parse_dataclasses((TokenizerArguments,), None if argv is None else list(argv),
+                                description=TokenizerArguments.__doc__)
     start = time.perf_counter()
     tokenizer = train_bpe_tokenizer(args.files, args.vocab_size, args.output_dir, args.min_frequency)
     print(json.dumps({

@@ -1,8 +1,9 @@
-"""Train or fine-tune DPSN-R: `python -m training.train --config configuration/recipes/<name>.yaml [--key value ...]`.
+"""Train or fine-tune DPSN-R: `dpsnr train --config configuration/recipes/<name>.yaml [--key value ...]`.
 
 The recipe YAML holds every argument; command-line flags override it. Arguments are parsed with
-`HfArgumentParser` into three typed dataclasses: `ModelArguments` (below), `DataArguments`
-(training/data.py) and `DPSNRTrainingArguments` (training/trainer.py, a `TrainingArguments`).
+`HfArgumentParser` (dpsnr/scripting.py) into typed dataclasses: `ModelArguments` and `RunArguments`
+(below), `DataArguments` (training/data.py) and `DPSNRTrainingArguments` (training/trainer.py, a
+`TrainingArguments`).
 Works the same under `accelerate launch --config_file configuration/accelerate/<setup>.yaml`.
 
 At the end the model folder (weights, config, remote code, tokenizer) is in `output_dir`, and
@@ -14,24 +15,24 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 import modeling_dpsnr  # noqa: F401  (registers the Auto classes)
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 
+from dpsnr.scripting import parse_dataclasses
+
 from .data import DataArguments, build_datasets, check_tokenizer_matches_model, resolve_data_path
 from .tokenizer import load_gpt2_tokenizer, train_bpe_tokenizer
 from .trainer import DPSNRTrainer, DPSNRTrainingArguments
 
-logger = logging.get_logger("training.train")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -65,27 +66,8 @@ PARSER_TYPES = (ModelArguments, DataArguments, DPSNRTrainingArguments, RunArgume
 
 def parse_args(argv: list[str] | None = None):
     """Recipe YAML first, then command-line overrides, into the four dataclasses."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PARSER_TYPES)
-    recipe = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = argv[i + 1]
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise ValueError(f"recipe {path} must be a mapping of argument names to values")
-        known = {f.dest for f in parser._actions}
-        unknown = sorted(set(recipe) - known)
-        if unknown:
-            raise ValueError(f"recipe {path} has unknown keys: {unknown}")
-    overrides = recipe.pop("config_overrides", None)
-    parser.set_defaults(**recipe)
-    model_args, data_args, train_args, run_args = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.config_overrides is None:
-        model_args.config_overrides = overrides
-    elif isinstance(model_args.config_overrides, str):
+    model_args, data_args, train_args, run_args = parse_dataclasses(PARSER_TYPES, argv)
+    if isinstance(model_args.config_overrides, str):  # from the command line; a recipe gives a mapping
         model_args.config_overrides = yaml.safe_load(model_args.config_overrides)
     if model_args.config_overrides is not None and not isinstance(model_args.config_overrides, dict):
         raise ValueError(f"config_overrides must be a mapping of config fields, got {model_args.config_overrides!r}")

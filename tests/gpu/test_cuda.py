@@ -15,8 +15,9 @@ from datasets import Dataset
 
 from conftest import TINY, tiny_model  # tests/conftest.py (this folder's own conftest is gpu.conftest)
 from modeling_dpsnr import DPSNRForCausalLM
-from training.pool_optim import SparseRowAdam
-from training.trainer import ChainedOptimizer, DPSNRTrainer, DPSNRTrainingArguments
+from dpsnr.training.pool_optim import SparseRowAdam
+from dpsnr.training.optimizer import ChainedOptimizer
+from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
 CUDA = torch.device("cuda")
 COORD = dict(pool_retrieval="coordinate", indexer_window=4, pool_size=400)

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     xr.use_spmd()
     from modeling_dpsnr import DPSNRForCausalLM
-    from training.distributed import shard_pool_rows
+    from dpsnr.training.distributed import shard_pool_rows
 
     n = xr.global_runtime_device_count()
     mesh = xs.Mesh(np.arange(n), (n,), ("pool",))

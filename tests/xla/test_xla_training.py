@@ -118,7 +118,7 @@ def test_dpsnr_trainer_on_xla(tmp_path, xla_metrics, record):
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from training.trainer import DPSNRTrainer, DPSNRTrainingArguments
+    from dpsnr.training.trainer import DPSNRTrainer, DPSNRTrainingArguments
 
     steps = 8
     ids = torch.cat(_batches(steps, 512)).tolist()

@@ -1,6 +1,6 @@
 """Generate with a DPSN-R model and show how much it reasoned for every token.
 
-    dpsnr-generate --model runs/micro-tinystories --prompt "Once upon a time" --max-new-tokens 40 \
+    dpsnr generate --model runs/micro-tinystories --prompt "Once upon a time" --max-new-tokens 40 \
         [--do-sample --top-k 40 --temperature 0.8 --seed 0] [--pool-mmap] [--device cuda]
 
 `--model` is a folder or a Hub id. Prints the text, a table of the generated tokens with their
@@ -55,7 +55,7 @@ def load(args: GenerateArguments):
 
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if config.model_type != "dpsnr":
-        raise ValueError(f"{args.model} is a {config.model_type!r} model; dpsnr-generate reports reasoning statistics "
+        raise ValueError(f"{args.model} is a {config.model_type!r} model; dpsnr generate reports reasoning statistics "
                          "of DPSN-R models only.")
     extra = {"pool_mmap": True} if args.pool_mmap else {}
     # The installed class is what AutoModelForCausalLM resolves to once the package is registered.
@@ -120,10 +120,9 @@ def print_report(record: dict, table_rows: int) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
+    from dpsnr.scripting import parse_dataclasses
 
-    (args,) = HfArgumentParser(GenerateArguments, description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv)
+    (args,) = parse_dataclasses((GenerateArguments,), argv, description=__doc__.split("\n\n")[0])
     model, tokenizer = load(args)
     record = generate(model, tokenizer, args)
     print_report(record, args.table_rows)

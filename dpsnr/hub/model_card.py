@@ -10,8 +10,8 @@ Where each part of a card comes from, so that no figure is ever typed by hand:
 |                                    | config equal to its preset must match `presets.MEASURED`        |
 | pool bytes, shards, checksums      | the pool index the model's own `save_pretrained` wrote          |
 |                                    | (`modeling_dpsnr/pool_files.py`), or its shard plan            |
-| training figures                   | the checkpoint's `train_summary.json` (training/train.py)       |
-| evaluation (table + `model-index`) | JSON records of `python -m eval.perplexity --output FILE`       |
+| training figures                   | the checkpoint's `train_summary.json` (`dpsnr train`)           |
+| evaluation (table + `model-index`) | JSON records of `dpsnr perplexity --output FILE`                |
 
 `check_card` re-parses a rendered card offline with `huggingface_hub`'s own metadata classes (the
 Hub's `RepoCard.validate()` is an HTTP call to the Hub, so it cannot run here).
@@ -33,16 +33,16 @@ from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS, count_parameters
 from modeling_dpsnr.pool_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 TEMPLATE = CARDS_DIR / "dpsnr.md.j2"
 PRESET_TEXT = CARDS_DIR / "presets.yaml"
 
 # Config fields that do not describe the architecture or its training behaviour: a published
 # config may differ from its preset in these without the card listing an override.
 NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "pad_token_id", "use_cache"}
-# Keys a record of eval/perplexity.py always has; anything else is refused as an eval source.
+# Keys a record of `dpsnr perplexity` (eval/perplexity.py) always has; anything else is refused as an eval source.
 PERPLEXITY_KEYS = {"ppl", "nll", "tokens_scored", "dataset", "split", "context", "stride", "model"}
-# eval/common.py dataset keywords → (Hub dataset id, Hub config, display name).
+# `dpsnr perplexity --dataset` keywords (eval/common.py) → (Hub dataset id, Hub config, display name).
 HUB_DATASETS = {
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-v1", "WikiText-2"),
     "wikitext2-raw": ("Salesforce/wikitext", "wikitext-2-raw-v1", "WikiText-2 (raw)"),
@@ -114,7 +114,7 @@ def measured_counts(config: DPSNRConfig, preset: str) -> dict[str, int]:
 
 
 def load_eval_record(path: str | Path) -> dict:
-    """A JSON record written by `python -m eval.perplexity --output FILE`, checked for its keys."""
+    """A JSON record written by `dpsnr perplexity --output FILE`, checked for its keys."""
     path = Path(path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -122,14 +122,14 @@ def load_eval_record(path: str | Path) -> dict:
         raise ValueError(f"eval result {path}: cannot read it as JSON ({err}).") from err
     missing = sorted(PERPLEXITY_KEYS - set(record)) if isinstance(record, dict) else sorted(PERPLEXITY_KEYS)
     if missing:
-        raise ValueError(f"eval result {path} is not a record of eval.perplexity: it lacks {missing}.")
+        raise ValueError(f"eval result {path} is not a record of `dpsnr perplexity`: it lacks {missing}.")
     if not (isinstance(record["ppl"], (int, float)) and math.isfinite(record["ppl"])):
         raise ValueError(f"eval result {path}: ppl is {record['ppl']!r}, not a finite number.")
     return record
 
 
 def eval_results(records: list[tuple[str, dict]]) -> list[EvalResult]:
-    """`model-index` entries of eval.perplexity records: perplexity, and bits per byte when the
+    """`model-index` entries of `dpsnr perplexity` records: perplexity, and bits per byte when the
     record has it (the whole text was scored). Values are the records' own, unrounded."""
     results = []
     for source, r in records:
@@ -258,15 +258,15 @@ def weights_howto(inputs: CardInputs) -> str:
     shards = len(plan_shards(pool_table_shapes(c), 2, parse_size(DEFAULT_MAX_SHARD_SIZE)))
     return (
         f"The pool of this preset is {_bytes(pool_bytes(c, torch.bfloat16))} in bfloat16: too large to build in memory "
-        "and save. `training/pool_tool.py` streams it to disk a chunk at a time, never holding a table in memory:\n\n"
-        f"```bash\npython -m training.pool_tool init --config {p} --out dpsnr-{p} --dtype bfloat16\n"
-        f"python -m training.pool_tool verify dpsnr-{p}     # headers, sizes and sha256 of every shard\n```\n\n"
+        "and save. `dpsnr pool-tool` streams it to disk a chunk at a time, never holding a table in memory:\n\n"
+        f"```bash\ndpsnr pool-tool init --preset {p} --out dpsnr-{p} --dtype bfloat16\n"
+        f"dpsnr pool-tool verify --dir dpsnr-{p}     # headers, sizes and sha256 of every shard\n```\n\n"
         f"`init` writes {shards} pool shards of at most {DEFAULT_MAX_SHARD_SIZE} (`--shards N` for another count) with "
         "their sha256 in `pool.safetensors.index.json`, then a freshly initialised controller beside them; the folder "
         "loads with `from_pretrained(path, pool_mmap=True)` with RAM for the controller alone. Its weights are random: it shows the "
-        "layout and the cost of inference, not a trained model. `pool_tool grow` enlarges the pool of an existing "
+        "layout and the cost of inference, not a trained model. `dpsnr pool-tool grow` enlarges the pool of an existing "
         "checkpoint. A checkpoint is published with\n\n"
-        f"```bash\npython -m training.publish --checkpoint dpsnr-{p} --preset {p} --output-dir hub/{p} --push ORG/NAME\n```\n\n"
+        f"```bash\ndpsnr publish --checkpoint dpsnr-{p} --preset {p} --output-dir hub/{p} --push ORG/NAME\n```\n\n"
         "which uploads the pool shards in several commits and the index, config, code and this card in the last one.")
 
 
