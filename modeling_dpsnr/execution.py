@@ -24,19 +24,23 @@ class ExecutionPlan:
         torch.export); "auto" is static on XLA devices and while compiling or exporting, eager otherwise.
     pool_sparse_grads: the entry tables produce sparse (COO) gradients, for a row-wise optimizer
         (`dpsnr.training.pool_optim.SparseRowAdam`). Off by default so any optimizer works.
+    pool_fused_reads: neuron entries read in cache-sized chunks without materialising the gathered
+        rows (reads.py; eager driver, tables beside the controller); False: the plain read, its reference.
     pool_row_gather: `f(table, idx) -> table[idx]` replacing the plain row read (row-sharded tables,
         see training/distributed.py); None reads rows with `F.embedding`.
     """
 
     loop_mode: str = "auto"
     pool_sparse_grads: bool = False
+    pool_fused_reads: bool = True
     pool_row_gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.loop_mode not in LOOP_MODES:
             raise ValueError(f"loop_mode must be one of {list(LOOP_MODES)}, got {self.loop_mode!r}.")
-        if not isinstance(self.pool_sparse_grads, bool):
-            raise ValueError(f"pool_sparse_grads must be a bool, got {self.pool_sparse_grads!r}.")
+        for name in ("pool_sparse_grads", "pool_fused_reads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.pool_row_gather is not None and not callable(self.pool_row_gather):
             raise ValueError(f"pool_row_gather must be callable or None, got {self.pool_row_gather!r}.")
 

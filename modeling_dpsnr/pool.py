@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .configuration_dpsnr import DPSNRConfig
+from .reads import neuron_read
 
 
 class QueryNorm(nn.Module):
@@ -357,6 +358,7 @@ class PoolPartition(nn.Module):
         self.entry = config.pool_entry
         self.sparse_grads = False  # execution settings, from ExecutionPlan via ParameterPool.apply_execution
         self.row_gather = None
+        self.fused_reads = True
         self.act = ACT2FN[config.pool_activation]
         kind = config.partition_retrieval(name)
         if kind == "coordinate":
@@ -391,6 +393,12 @@ class PoolPartition(nn.Module):
         # storage.py): rows are gathered where the tables are, only (n, ·) results travel back.
         flat_idx = r.indices.reshape(n, heads * k).to(self.v.device)  # (n, H·k)
         coef = r.weights.reshape(n, heads * k)  # (n, H·k)
+        if self.entry == "neuron" and self.fused_reads and not static and self.row_gather is None \
+                and self.v.device == x.device:
+            # Chunked read that never materialises the gathered rows (reads.py); the plain one below is
+            # its reference, and the static driver's (it lowers on XLA).
+            out = neuron_read(self.u, self.v, flat_idx, coef.to(x.dtype), x, self.act, self.sparse_grads)
+            return out, r
         if self.entry == "neuron":
             u_rows = self.gather_rows(self.u, flat_idx).to(x.device, x.dtype)  # (n, H·k, d)
             coef = coef * self.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, H·k)
@@ -466,6 +474,7 @@ class ParameterPool(nn.Module):
         for part in self.partitions.values():
             part.sparse_grads = plan.pool_sparse_grads
             part.row_gather = plan.pool_row_gather
+            part.fused_reads = plan.pool_fused_reads
 
     def entry_parameters(self) -> list[nn.Parameter]:
         """The (N, d) entry tables: the parameters a sparse row-wise optimizer owns."""

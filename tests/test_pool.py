@@ -227,3 +227,28 @@ def test_unit_keys_make_scores_independent_of_key_norm():
     after = r(x)
     assert torch.equal(before.indices, after.indices)
     torch.testing.assert_close(before.weights, after.weights)
+
+
+# ---------------------------------------------------------------------------- fused neuron reads
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_neuron_read_equals_the_plain_read_including_every_gradient(sparse, monkeypatch):
+    import modeling_dpsnr.reads as reads
+
+    monkeypatch.setattr(reads, "CHUNK_FLOATS", 3 * 6 * 32)  # several chunks, the last one partial
+    outs, grads = [], []
+    for fused in (True, False):
+        cfg, part = _partition("neuron", seed=3)
+        part.sparse_grads, part.fused_reads = sparse, fused
+        x = torch.randn(11, cfg.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        out, _ = part(x, x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append({"x": x.grad, **{n: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in part.named_parameters()}})
+        if sparse:
+            assert part.u.grad.is_sparse and part.v.grad.is_sparse
+        if sparse and fused:  # built coalesced: one row per distinct entry read
+            assert part.u.grad._nnz() == part.u.grad.coalesce()._nnz() == part.v.grad._nnz()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
