@@ -63,8 +63,10 @@ class Bench:
         self.name, self.model, self.dpsnr, self.args = name, model, dpsnr, args
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
-        self.batch = torch.randint(0, vocab, (args.batch, args.block), generator=g)
-        self.prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
+        device = next(model.parameters()).device
+        self.batch = torch.randint(0, vocab, (args.batch, args.block), generator=g).to(device)
+        self.prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g).to(device)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         if dpsnr:
             from dpsnr.training.pool_optim import SparseRowAdam
 
@@ -88,17 +90,21 @@ class Bench:
 
     def train_tokens_per_second(self, steps: int) -> float:
         self.model.train()
+        self.sync()
         start = time.perf_counter()
         for _ in range(steps):
             self.train_step()
+        self.sync()
         return steps * self.batch.numel() / (time.perf_counter() - start)
 
     @torch.no_grad()
     def decode_tokens_per_second(self) -> float:
         self.model.eval()
         n = self.args.new_tokens
+        self.sync()
         start = time.perf_counter()
         self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        self.sync()
         return n / (time.perf_counter() - start)
 
     def flops_per_token(self, training: bool) -> float:

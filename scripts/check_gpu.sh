@@ -5,6 +5,8 @@
 #
 # Needs a Python where torch sees CUDA and the project's requirements are importable (the
 # project's own .venv holds a CPU torch, so by default this uses `python3`; set PYTHON to choose).
+# Then the throughput benchmark on the GPU (DPSN-R vs its dense twin and the pool-size sweep, the
+# same `dpsnr bench-throughput` the CPU figures come from), written to eval/results/gpu/.
 # Usage: scripts/check_gpu.sh [extra pytest arguments]
 set -euo pipefail
 
@@ -16,4 +18,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-"$PY" "$ROOT/scripts/run_device_checks.py" tests/gpu "$@"
+status=0
+"$PY" "$ROOT/scripts/run_device_checks.py" tests/gpu "$@" || status=$?
+(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 \
+  "$PY" -m dpsnr.eval.bench_throughput --device cuda --batch 32 --block 256 --repeats 3 \
+  --output eval/results/gpu/bench_throughput.json) || status=$?
+exit $status
