@@ -252,3 +252,31 @@ def test_fused_neuron_read_equals_the_plain_read_including_every_gradient(sparse
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_retrieval_gradients_flow_through_the_chosen_sub_keys_only_and_equal_the_dense_ones():
+    """Scores of the chosen entries are recomputed from their sub-keys; the gradient must equal the one
+    through the full (n, H, n1) score tensors, and be zero on sub-keys no chosen entry uses."""
+    torch.manual_seed(0)
+    cfg = tiny_config(pool_size=200, pool_partitions={"p": 1.0})
+    r = ProductKeyRetriever(cfg, 200)
+    torch.nn.init.normal_(r.sub_keys1)
+    torch.nn.init.normal_(r.sub_keys2)
+    x = torch.randn(7, cfg.hidden_size)
+    g = torch.randn(7, r.heads, r.topk)
+    out = r(x)
+    (out.weights * g).sum().backward()
+    got = {n: p.grad.clone() for n, p in r.named_parameters()}
+    r.zero_grad()
+    # reference: the scores gathered from the full score tensors, gradient through them
+    q = r.query_norm(r.query(x).view(7, r.heads, r.key_dim))
+    q1, q2 = q.chunk(2, -1)
+    s1 = torch.einsum("nhc,hmc->nhm", q1, r.sub_keys1)
+    s2 = torch.einsum("nhc,hmc->nhm", q2, r.sub_keys2)
+    i1, i2 = out.indices // r.n2, out.indices % r.n2
+    (((s1.gather(-1, i1) + s2.gather(-1, i2)).softmax(-1)) * g).sum().backward()
+    for n, p in r.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    chosen = torch.zeros(r.heads, r.n1, dtype=torch.bool)
+    chosen[torch.arange(r.heads).view(1, -1, 1).expand_as(i1), i1] = True
+    assert (got["sub_keys1"][~chosen] == 0).all() and (got["sub_keys1"][chosen].abs().sum(-1) > 0).all()
