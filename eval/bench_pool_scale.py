@@ -48,7 +48,12 @@ import torch
 MICRO = "micro"
 SPREAD = 40.0  # scale of the coordinate indexer's position outputs (see above)
 MODES = {"product_key": dict(pool_retrieval="product_key"),
-         "coordinate": dict(pool_retrieval="coordinate", indexer_window=8, indexer_hidden_size=256)}
+         "coordinate": dict(pool_retrieval="coordinate", indexer_window=8, indexer_hidden_size=256),
+         # hashed n-gram rows (hashed.py): addresses known from the ids before any layer runs, so the
+         # forward asks for every row at its start. Value tables only: twice the rows of a neuron pool
+         # for the same file size.
+         "hashed": dict(pool_retrieval="hashed_ngram", ngram_orders=[2, 3], ngram_heads=4)}
+ROWS_PER_ENTRY = {"hashed": 2}  # rows of a mode's pool per neuron entry of the same file size
 
 
 @dataclass
@@ -58,6 +63,7 @@ class PoolScaleArguments:
     prompt_len: int = 16
     work_dir: str = field(default=tempfile.gettempdir(), metadata={"help": "Pool files go to a temporary folder here."})
     output_dir: str = "eval/results"
+    modes: str = field(default="product_key,coordinate,hashed", metadata={"help": "Comma-separated retrieval modes."})
     # The measuring subprocess (_run_measure): one checkpoint folder and how to load it.
     measure: str | None = field(default=None, metadata={"help": argparse.SUPPRESS})
     load: str | None = field(default=None, metadata={"help": argparse.SUPPRESS, "choices": ["mmap", "ram"]})
@@ -121,20 +127,24 @@ def _run_measure(path: Path, load: str, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _build(entries: int, root: Path) -> dict[str, Path]:
-    """One fp16 pool file of `entries` neuron entries, and one controller per retrieval mode beside it."""
+def _build(entries: int, root: Path, modes: list[str]) -> dict[str, Path]:
+    """fp16 pool files of the size of `entries` neuron entries and one controller per retrieval mode:
+    the neuron modes share one file (hard-linked), the hashed mode (value rows) has its own."""
     from dpsnr.pool_tool import init_checkpoint, init_controller, load_config
 
-    dirs = {mode: root / f"{mode}-{entries}" for mode in MODES}
-    first, *others = MODES
-    init_checkpoint(load_config(MICRO, {"pool_size": entries, **MODES[first]}), dirs[first],
-                    torch.float16, max_shard_size="100GB")
-    for mode in others:
+    dirs = {mode: root / f"{mode}-{entries}" for mode in modes}
+    neuron = [m for m in modes if m not in ROWS_PER_ENTRY]
+    for mode in modes:
+        fields = {"pool_size": entries * ROWS_PER_ENTRY.get(mode, 1), **MODES[mode]}
+        if mode in ROWS_PER_ENTRY or mode == neuron[0]:
+            init_checkpoint(load_config(MICRO, fields), dirs[mode], torch.float16, max_shard_size="100GB")
+            continue
         dirs[mode].mkdir(parents=True)
-        for f in dirs[first].glob("pool*"):
+        for f in dirs[neuron[0]].glob("pool*"):
             os.link(f, dirs[mode] / f.name)  # the same pool file, hard-linked
-        init_controller(load_config(MICRO, {"pool_size": entries, **MODES[mode]}), dirs[mode])
-    _spread_windows(dirs["coordinate"])
+        init_controller(load_config(MICRO, fields), dirs[mode])
+    if "coordinate" in dirs:
+        _spread_windows(dirs["coordinate"])
     return dirs
 
 
@@ -154,8 +164,10 @@ def _plot(results: list[dict], path: Path) -> None:
 
     fig, axes = new_figure(2)
     ax_speed, ax_rss = axes[0]
-    for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
+    for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green")):
         rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
         x = [r["pool_params"] for r in rows]
         ax_speed.plot(x, [r["tokens_per_s"] for r in rows], "o-", color=color, label=f"{mode}, mapped (cold)")
         ax_speed.plot(x, [r["tokens_per_s_repeat"] for r in rows], "o:", color=color, alpha=0.5, label=f"{mode}, mapped (cached)")
@@ -189,16 +201,20 @@ def main(argv: list[str] | None = None) -> dict:
     if largest <= 1 << 16:
         raise ValueError("--max-params must exceed the 2^16-entry reference pool (33.6M parameters).")
     sizes = sorted({s for s in (1 << 16, 1 << 18, 1 << 20, 1 << 22) if s < largest} | {largest})
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise ValueError(f"--modes: unknown {unknown}; known: {list(MODES)}")
     root = Path(tempfile.mkdtemp(prefix="bench_pool_scale-", dir=args.work_dir))
     results = []
     try:
-        reference = _build(1 << 16, root)  # kept for the whole run: the in-RAM reference
+        reference = _build(1 << 16, root, modes)  # kept for the whole run: the in-RAM reference
         for entries in sizes:
             start = time.perf_counter()
-            dirs = reference if entries == 1 << 16 else _build(entries, root)
+            dirs = reference if entries == 1 << 16 else _build(entries, root, modes)
             write_s = time.perf_counter() - start
-            file_bytes = sum(f.stat().st_size for f in dirs["product_key"].glob("pool*.safetensors"))
             for mode, path in dirs.items():
+                file_bytes = sum(f.stat().st_size for f in path.glob("pool*.safetensors"))
                 ram = _run_measure(reference[mode], "ram", args)
                 r = _run_measure(path, "mmap", args)
                 results.append({"mode": mode, "entries": entries, "pool_params": entries * per_entry,
@@ -215,13 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     top = {r["mode"]: r for r in results if r["entries"] == largest}
     summary = {
         "benchmark": "bench_pool_scale", "controller": MICRO, "pool_dtype": "float16", "threads": 1,
-        "largest_pool_params": largest * per_entry, "largest_pool_file_gb": top["coordinate"]["pool_file_bytes"] / 1e9,
-        **{f"{m}_decode_ratio_largest_vs_ram": top[m]["decode_ratio_vs_ram"] for m in MODES},
-        **{f"{m}_decode_ratio_largest_cached_vs_ram": top[m]["decode_ratio_cached_vs_ram"] for m in MODES},
-        **{f"{m}_tokens_per_s_largest": top[m]["tokens_per_s"] for m in MODES},
-        **{f"{m}_tokens_per_s_ram_2^16": top[m]["ram_2^16"]["tokens_per_s"] for m in MODES},
-        **{f"{m}_peak_rss_mb_largest": top[m]["peak_rss_mb"] for m in MODES},
-        **{f"{m}_peak_rss_mb_ram_2^16": top[m]["ram_2^16"]["peak_rss_mb"] for m in MODES},
+        "largest_pool_params": largest * per_entry, "largest_pool_file_gb": max(r["pool_file_bytes"] for r in top.values()) / 1e9,
+        **{f"{m}_decode_ratio_largest_vs_ram": top[m]["decode_ratio_vs_ram"] for m in top},
+        **{f"{m}_decode_ratio_largest_cached_vs_ram": top[m]["decode_ratio_cached_vs_ram"] for m in top},
+        **{f"{m}_tokens_per_s_largest": top[m]["tokens_per_s"] for m in top},
+        **{f"{m}_tokens_per_s_ram_2^16": top[m]["ram_2^16"]["tokens_per_s"] for m in top},
+        **{f"{m}_peak_rss_mb_largest": top[m]["peak_rss_mb"] for m in top},
+        **{f"{m}_peak_rss_mb_ram_2^16": top[m]["ram_2^16"]["peak_rss_mb"] for m in top},
         "results": results,
     }
     out = Path(args.output_dir)

@@ -45,7 +45,7 @@ class _NeuronRead(torch.autograd.Function):
         out = x.new_empty(n, d)
         dots = x.new_empty(n, J)  # (n, J) u·x, kept for backward (small)
         for a, b in _chunks(n, J, d):
-            rows = F.embedding(idx[a:b], u)  # (c, J, d), in cache
+            rows = F.embedding(idx[a:b], u).to(x.dtype)  # (c, J, d), in cache (tables may be fp16 on disk)
             dots[a:b] = torch.bmm(rows, x[a:b].unsqueeze(-1)).squeeze(-1)
             coef = weights[a:b] * act(dots[a:b])
             out[a:b] = F.embedding_bag(idx[a:b], v, per_sample_weights=coef.to(v.dtype), mode="sum").to(x.dtype)
@@ -65,13 +65,13 @@ class _NeuronRead(torch.autograd.Function):
         g_coef = torch.empty_like(dots)
         g_x = torch.empty_like(x) if ctx.needs_input_grad[4] else None
         for a, b in _chunks(n, J, d):
-            g_coef[a:b] = torch.bmm(F.embedding(idx[a:b], v), grad_out[a:b].unsqueeze(-1)).squeeze(-1)
+            g_coef[a:b] = torch.bmm(F.embedding(idx[a:b], v).to(grad_out.dtype), grad_out[a:b].unsqueeze(-1)).squeeze(-1)
         g_w = acted.detach() * g_coef if ctx.needs_input_grad[3] else None
         (g_dots,) = torch.autograd.grad(acted, dots_, weights * g_coef)  # (n, J)
         coef = weights * acted.detach()  # (n, J)
         if g_x is not None:
             for a, b in _chunks(n, J, d):
-                g_x[a:b] = torch.bmm(g_dots[a:b].unsqueeze(1), F.embedding(idx[a:b], u)).squeeze(1)
+                g_x[a:b] = torch.bmm(g_dots[a:b].unsqueeze(1), F.embedding(idx[a:b], u).to(x.dtype)).squeeze(1)
         # Entry gradients, one row per distinct entry (the COO tensor is coalesced from the start), each
         # chunk's per-read rows summed while they are in cache.
         rows, slot = idx.reshape(-1).unique(return_inverse=True)  # (U,), (n·J,)

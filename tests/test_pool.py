@@ -280,3 +280,18 @@ def test_retrieval_gradients_flow_through_the_chosen_sub_keys_only_and_equal_the
     chosen = torch.zeros(r.heads, r.n1, dtype=torch.bool)
     chosen[torch.arange(r.heads).view(1, -1, 1).expand_as(i1), i1] = True
     assert (got["sub_keys1"][~chosen] == 0).all() and (got["sub_keys1"][chosen].abs().sum(-1) > 0).all()
+
+
+def test_fused_read_of_half_precision_tables_matches_the_plain_read():
+    """Pools stored in fp16 on disk are read by a float32 controller (memory-mapped loading)."""
+    outs = []
+    for fused in (True, False):
+        cfg, part = _partition("neuron", seed=5)
+        part.half()
+        part.retriever.float()
+        part.fused_reads = fused
+        x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            outs.append(part(x, x)[0])
+    assert outs[0].dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)
