@@ -207,6 +207,12 @@ class ProductKeyRetriever(nn.Module):
 
     def _product_topk(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         k, n1, n2 = self.topk, self.n1, self.n2
+        if self.last_row_valid == n2:  # N = n1·n2 (e.g. 2^16 = 256²): Lample et al.'s product top-k as is
+            top1, rows = s1.topk(min(k, n1), dim=-1)  # (n, H, k)
+            top2, cols = s2.topk(min(k, n2), dim=-1)  # (n, H, k)
+            cand = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (n, H, k²)
+            cand_idx = (rows.unsqueeze(-1) * n2 + cols.unsqueeze(-2)).flatten(-2)
+            return cand_idx.gather(-1, cand.topk(k, dim=-1).indices)  # (n, H, k)
         k1 = min(k, n1 - 1)
         kb = min(k, n2)
         klast = min(k, self.last_row_valid)
