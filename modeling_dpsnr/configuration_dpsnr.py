@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .execution import LEGACY_CONFIG_KEYS
+from .presets import preset_kwargs
 
 
 logger = logging.get_logger(__name__)
@@ -513,8 +514,6 @@ class DPSNRConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DPSNRConfig":
         """Build a named preset (see `presets.py`), with any field overridden."""
-        from .presets import preset_kwargs
-
         kwargs = preset_kwargs(name)
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -322,6 +322,16 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
         tables = self.base_model.loop.pool.entry_parameters()
         return pool_bytes_per_token(self.config, steps, tables[0].element_size() if tables else 4)
 
+    def count_parameters(self) -> tuple[int, int]:
+        """(total, active): every parameter once (the LM head is tied to the embedding), and the
+        `active_params` of a token that runs every reasoning step: non-embedding controller and loop
+        modules, the entries of all its steps and the prelude read. Works on the meta device; the
+        presets' MEASURED counts come from here (`dpsnr presets`)."""
+        total = sum(p.numel() for p in self.parameters())  # tied weights are yielded once
+        base, c = self.base_model, self.config
+        entries = sum(c.partition_params_per_read(p) for p in c.loop_phase_schedule)
+        return total, base.active_params_base() + entries + base.prelude_reads()
+
     # ------------------------------------------------------------------ execution (not architecture)
     @property
     def execution(self) -> ExecutionPlan:

@@ -315,11 +315,6 @@ class ReasoningLoop(nn.Module):
         return hidden, steps, torch.stack(probs, dim=-1), ponder
 
     # ------------------------------------------------------------------ cost model
-    def parameters_per_step(self) -> int:
-        """Pool parameters read per token at the first step: heads × reads per head × parameters per
-        entry (the same at every step unless partitions mix retrieval kinds; see `entries_read`)."""
-        return self.config.partition_params_per_read(self.config.loop_phase_schedule[0])
-
     def entries_read(self, steps: torch.Tensor, unit: str = "params") -> torch.Tensor:
         """Entry parameters (`unit="params"`) or pool rows (`"rows"`) a token reads in its first
         `steps` steps; steps may read partitions of different kinds (`pool_partition_retrieval`)."""

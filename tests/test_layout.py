@@ -46,11 +46,11 @@ def test_the_namespace_binds_the_checkout_folders_once():
 
 # ---------------------------------------------------------------------------- layering
 # model ← data ← training ← experiments ← cli: a module imports only from its own layer or below.
-# Longest prefix wins. dpsnr.scripting (argument parsing) and dpsnr.pool_tool (pool files) need
-# nothing but the model, so they sit right above it.
+# Longest prefix wins. dpsnr.scripting (argument parsing), dpsnr.pool_tool (pool files) and
+# dpsnr.preset_counts need nothing but the model, so they sit right above it.
 LAYERS = {
     "modeling_dpsnr": 0,
-    "dpsnr": 1, "dpsnr.scripting": 1, "dpsnr.pool_tool": 1,
+    "dpsnr": 1, "dpsnr.scripting": 1, "dpsnr.pool_tool": 1, "dpsnr.preset_counts": 1,
     "dpsnr.training.data": 2, "dpsnr.training.tokenizer": 2,
     "dpsnr.training": 3,
     "dpsnr.eval": 4, "dpsnr.hub": 4,

@@ -30,7 +30,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS, count_parameters
+from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS
 from modeling_dpsnr.pool_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
@@ -104,12 +104,12 @@ def measured_counts(config: DPSNRConfig, preset: str) -> dict[str, int]:
     presets.py is stale and the card refuses to repeat either figure."""
     with torch.device("meta"):
         model = DPSNRForCausalLM(config)
-    total, active = count_parameters(model)
+    total, active = model.count_parameters()
     pool = sum(p.numel() for p in model.pool.entry_parameters())
     embedding = model.model.embed_tokens.weight.numel()
     if preset in MEASURED and not preset_overrides(config, preset) and MEASURED[preset] != (total, active):
         raise RuntimeError(f"presets.MEASURED[{preset!r}] = {MEASURED[preset]} but the preset counts {(total, active)}: "
-                           "re-measure with `python -m modeling_dpsnr.presets`.")
+                           "re-measure with `dpsnr presets`.")
     return {"total": total, "active": active, "pool": pool, "embedding": embedding}
 
 
