@@ -41,7 +41,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_dpsnr import NGRAM_HASH_PRIME, DPSNRConfig
-from .pool import QueryNorm, Retrieval, stripe_bounds, weighted_row_sum
+from .norms import DPSNRRMSNorm
+from .pool import Retrieval, stripe_bounds, weighted_row_sum
 from .reasoning import _cache_update
 
 PAD_ID = 0  # hashed in place of positions before the start (and padding): token ids are hashed as id + 1
@@ -216,8 +217,8 @@ class HashedNgramPartition(nn.Module):
         self.slot_weight = nn.Parameter(torch.empty(self.retriever.slots))  # (J,)
         self.key_proj = nn.Linear(d, d, bias=False)  # W_k
         self.value_proj = nn.Linear(d, d, bias=False)  # W_v
-        self.state_norm = QueryNorm(d, "rms", config.rms_norm_eps)
-        self.key_norm = QueryNorm(d, "rms", config.rms_norm_eps)
+        self.state_norm = DPSNRRMSNorm(d, config.rms_norm_eps)
+        self.key_norm = DPSNRRMSNorm(d, config.rms_norm_eps)
 
     def entry_tables(self) -> dict[str, nn.Parameter]:
         return {"v": self.v}
@@ -256,13 +257,13 @@ class NgramPreludeRead(nn.Module):
     """A hashed partition read once in the prelude, after block `ngram_prelude_layer`: h + read(norm(h)).
     Engram reads its memory early in the stack, where local patterns are cheapest to hand over."""
 
-    def __init__(self, config: DPSNRConfig, pool, norm_cls: type[nn.Module]):
+    def __init__(self, config: DPSNRConfig, pool):
         super().__init__()
         self.partition = config.ngram_prelude_partition
         self.layer = config.ngram_prelude_layer
         self.rows_per_token = config.partition_rows_per_read(self.partition)
         self.params_per_token = config.partition_params_per_read(self.partition)
-        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
     def forward(self, hidden_states: torch.Tensor, static: bool) -> torch.Tensor:

@@ -31,7 +31,8 @@ from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
 from .hashed import NgramPreludeRead, ngram_cache_layer, prepare_token_reads
-from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
+from .norms import DPSNRRMSNorm, RunningQueryNorm
+from .pool import PoolPartition, ProductKeyRetriever
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
 
@@ -119,20 +120,7 @@ class ReasoningStatsCollector:
         }
 
 
-# ---------------------------------------------------------------------------- leaves
-class DPSNRRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        h = hidden_states.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
+# ---------------------------------------------------------------------------- leaves (DPSNRRMSNorm: norms.py)
 def rope_type_of(config: DPSNRConfig) -> str:
     return (config.rope_parameters or {}).get("rope_type", "default")
 
@@ -363,8 +351,9 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
                     init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (DPSNRRMSNorm, QueryNorm)):
-            init.ones_(module.weight)
+        elif isinstance(module, (DPSNRRMSNorm, nn.LayerNorm, RunningQueryNorm)):
+            if module.weight is not None:  # LayerNorm(elementwise_affine=False) has none
+                init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
             if isinstance(module, RunningQueryNorm):
@@ -409,9 +398,9 @@ class DPSNRModel(DPSNRPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DPSNRDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.loop = ReasoningLoop(config, DPSNRRMSNorm, DPSNRAttention)
+        self.loop = ReasoningLoop(config, DPSNRAttention)
         # A hashed n-gram partition read once in the prelude as well (hashed.py), if configured.
-        self.ngram_read = (NgramPreludeRead(config, self.loop.pool, DPSNRRMSNorm)
+        self.ngram_read = (NgramPreludeRead(config, self.loop.pool)
                            if config.ngram_prelude_partition is not None else None)
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DPSNRRotaryEmbedding(config)

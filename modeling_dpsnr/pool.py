@@ -35,80 +35,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .configuration_dpsnr import DPSNRConfig
+from .norms import QUERY_NORMS, RunningQueryNorm
 from .reads import neuron_read
-
-
-class QueryNorm(nn.Module):
-    """RMSNorm or LayerNorm over each head's query (never BatchNorm: it mixes positions)."""
-
-    def __init__(self, dim: int, kind: str, eps: float):
-        super().__init__()
-        self.kind = kind
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
-
-    def forward(self, q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "layer":
-            return F.layer_norm(q, q.shape[-1:], self.weight, self.bias, self.eps)
-        q32 = q.float()
-        q32 = q32 * torch.rsqrt(q32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * q32.to(q.dtype)
-
-
-class RunningQueryNorm(QueryNorm):
-    """Standardise each query dimension, per head, with running statistics: what BatchNorm did for
-    product-key usage (Lample et al. 2019: rows read 25.8 % → 80.3 %) without its two faults in a
-    causal model. A forward is normalised with statistics of earlier training forwards only (this
-    forward's are gathered and folded into the EMA when the next one begins, `commit`), so a token's
-    query never depends on other tokens of its batch, even when a partition is read at several
-    steps; only real tokens count (padding-independent). The very first training forward, with no
-    earlier statistics, uses its own. Evaluation uses the running statistics."""
-
-    def __init__(self, heads: int, dim: int, eps: float, momentum: float):
-        super().__init__(dim, "layer", eps)  # affine weight and bias, as BatchNorm's
-        self.kind = "running"
-        self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(heads, dim))
-        self.register_buffer("running_var", torch.ones(heads, dim))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        # this forward's sums (weight, Σq, Σq²), folded in by `commit`
-        self.register_buffer("pending", torch.zeros(3, heads, dim), persistent=False)
-
-    def forward(self, q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q32 = q.float()  # (n, H, c)
-        mean, var = self.running_mean, self.running_var
-        if self.training:
-            with torch.no_grad():
-                w = torch.ones(q.shape[0], device=q.device) if token_mask is None else token_mask.float()  # (n,)
-                qd = q32.detach()
-                self.pending[0].add_(w.sum())
-                self.pending[1].add_(torch.einsum("n,nhc->hc", w, qd))
-                self.pending[2].add_(torch.einsum("n,nhc->hc", w, qd * qd))
-                own_mean, own_var = self._moments(self.pending)
-            mean = torch.where(self.calibrated, mean, own_mean)
-            var = torch.where(self.calibrated, var, own_var)
-        q32 = (q32 - mean) * torch.rsqrt(var + self.eps)
-        return (self.weight * q32 + self.bias).to(q.dtype)
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Fold the last training forward's statistics into the running ones (tensor ops only: no
-        host sync, so it traces)."""
-        has_rows = self.pending[0, 0, 0] > 0
-        mean, var = self._moments(self.pending)
-        rate = torch.where(self.calibrated, torch.full((), self.momentum, device=mean.device),
-                           torch.ones((), device=mean.device)) * has_rows.float()
-        self.running_mean.lerp_(mean, rate)
-        self.running_var.lerp_(var, rate)
-        self.calibrated.logical_or_(has_rows)
-        self.pending.zero_()
-
-    @staticmethod
-    def _moments(pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = pending[0].clamp(min=1)
-        mean = pending[1] / total
-        return mean, (pending[2] / total - mean * mean).clamp(min=0)
 
 
 def product_key_sizes(num_entries: int) -> tuple[int, int]:
@@ -151,10 +79,9 @@ class ProductKeyRetriever(nn.Module):
         half = self.key_dim // 2
 
         self.query = nn.Linear(config.hidden_size, self.heads * self.key_dim, bias=False)
-        if config.pool_query_norm == "running":
-            self.query_norm = RunningQueryNorm(self.heads, self.key_dim, config.rms_norm_eps, config.pool_query_norm_momentum)
-        else:
-            self.query_norm = QueryNorm(self.key_dim, config.pool_query_norm, config.rms_norm_eps)
+        self.query_norm = QUERY_NORMS[config.pool_query_norm](
+            self.heads, self.key_dim, config.rms_norm_eps, config.pool_query_norm_momentum
+        )
         # Unit-norm sub-keys (the qk-norm of Memory Layers at Scale / UltraMem): no key can win
         # every query by growing its norm; scores are √(c/2)·cos with RMS-normalised queries.
         self.key_norm = config.pool_key_norm == "unit"

@@ -34,6 +34,7 @@ from torch import nn
 
 from .configuration_dpsnr import DPSNRConfig
 from .halting import Decision, HaltingPolicy, build_policy
+from .norms import DPSNRRMSNorm
 from .pool import ParameterPool
 
 
@@ -65,15 +66,15 @@ class TokenStep(nn.Module):
 
     needs_context = False
 
-    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, attention_cls=None):
         super().__init__()
         d = config.hidden_size
         self.schedule = list(config.loop_phase_schedule)
-        self.norm = norm_cls(d, eps=config.rms_norm_eps)
+        self.norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps)
         self.step_embedding = nn.Parameter(torch.zeros(config.loop_max_steps, d))  # (S, d)
         # The token's own embedding keeps queries token-specific while the contextual state is
         # still collapsed (early training); see `pool_query_input` in the config.
-        self.token_norm = norm_cls(d, eps=config.rms_norm_eps) if config.pool_query_input == "state+token" else None
+        self.token_norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps) if config.pool_query_input == "state+token" else None
         self.gate = nn.Linear(d, d)
         self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
@@ -96,10 +97,10 @@ class BlockStep(TokenStep):
 
     needs_context = True
 
-    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
-        super().__init__(config, pool, norm_cls)
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, attention_cls=None):
+        super().__init__(config, pool)
         d = config.hidden_size
-        self.attn_norm = norm_cls(d, eps=config.rms_norm_eps)
+        self.attn_norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps)
         self.attn = attention_cls(config, layer_idx=config.num_hidden_layers)
         self.max_steps = config.loop_max_steps
 
@@ -175,12 +176,13 @@ STEP_KINDS: dict[str, type[TokenStep]] = {"token": TokenStep, "block": BlockStep
 
 # ---------------------------------------------------------------------------- the loop
 class ReasoningLoop(nn.Module):
-    def __init__(self, config: DPSNRConfig, norm_cls: type[nn.Module], attention_cls: type[nn.Module] | None = None):
+    def __init__(self, config: DPSNRConfig, attention_cls: type[nn.Module] | None = None):
+        """`attention_cls`: the controller's attention (modeling_dpsnr.DPSNRAttention), for the block step."""
         super().__init__()
         self.config = config
         self.max_steps = config.loop_max_steps
         self.pool = ParameterPool(config)
-        self.step = STEP_KINDS[config.loop_step](config, self.pool, norm_cls, attention_cls)
+        self.step = STEP_KINDS[config.loop_step](config, self.pool, attention_cls)
         self.policy: HaltingPolicy = build_policy(config)
 
     def forward(

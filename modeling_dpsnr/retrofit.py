@@ -37,7 +37,6 @@ from .modeling_dpsnr import (
     DPSNRCausalLMOutputWithPast,
     DPSNRForCausalLM,
     DPSNRPreTrainedModel,
-    DPSNRRMSNorm,
     _one_cache,
     output_cache,
 )
@@ -72,7 +71,7 @@ class RetrofitMemory(nn.Module):
     def __init__(self, config: DPSNRConfig):
         super().__init__()
         self.config = config
-        self.loop = ReasoningLoop(config, DPSNRRMSNorm)
+        self.loop = ReasoningLoop(config)
         # ReZero (Bachlechner et al. 2020): zero at first, so the read changes nothing until trained,
         # while its gradient, (loop(h) − h), is not zero.
         self.gate = nn.Parameter(torch.zeros(config.hidden_size))  # (d,)
