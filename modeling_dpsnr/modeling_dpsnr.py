@@ -26,13 +26,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
+from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
 from .hashed import NgramPreludeRead, ngram_cache_layer, prepare_token_reads
 from .norms import DPSNRRMSNorm, RunningQueryNorm
-from .pool import PoolPartition, ProductKeyRetriever
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
 
@@ -41,24 +41,7 @@ logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------- outputs
-# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (output fields, forward and
-# generate keywords); 5.23 uses the old name. Users who load remote code bring whatever 5.x release
-# they have, so the name is read off the library's own output class (a feature check, not a version
-# test), the outputs below inherit the field from it, and `forward` accepts both keywords.
-CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def output_cache(outputs: ModelOutput) -> Cache | None:
-    """The KV cache carried by a transformers output, under either release's field name."""
-    return outputs.get(CACHE_NAME)
-
-
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
-    return cache if cache is not None else past_key_values
-
-
+# The KV cache field is inherited from transformers' classes: `cache` or `past_key_values` by release (cache.py).
 @dataclass
 class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus the reasoning loop's per-token statistics."""
@@ -266,7 +249,7 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
         # gradient-checkpointing wrapper clears when it recomputes the block.
         attn_out, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-            _one_cache(cache, past_key_values), **kwargs
+            one_cache(cache, past_key_values), **kwargs
         )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -368,17 +351,6 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
                 inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
-        elif isinstance(module, ProductKeyRetriever):
-            key_std = (module.key_dim // 2) ** -0.5  # unit-RMS query half · key → unit-variance scores
-            init.normal_(module.sub_keys1, mean=0.0, std=key_std)
-            init.normal_(module.sub_keys2, mean=0.0, std=key_std)
-            if module.balance:
-                init.zeros_(module.balance_bias1)
-                init.zeros_(module.balance_bias2)
-        elif isinstance(module, PoolPartition):
-            pool_std = self.config.pool_init_std or std
-            for table in module.entry_tables().values():
-                init.normal_(table, mean=0.0, std=pool_std)
         elif isinstance(module, TokenStep):  # and BlockStep
             init.normal_(module.step_embedding, mean=0.0, std=std)
         elif isinstance(module, ThresholdRouting):
@@ -386,7 +358,7 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
             init.zeros_(module.calibrated)
             capacity = torch.tensor(self.config.loop_capacity, dtype=torch.float32)
             init.copy_(module.pass_rate, capacity[1:] / capacity[:-1])
-        elif hasattr(module, "init_weights_"):  # retrievers defined beside the pool (coordinate indexer)
+        elif hasattr(module, "init_weights_"):  # the pool's modules: entry tables, sub-keys, stripes, hash constants
             module.init_weights_(std)
 
 
@@ -432,7 +404,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         cache: Cache | None = None,
         **kwargs,
     ) -> DPSNRModelOutputWithPast | tuple:
-        cache = _one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         # Data-dependent checks (host syncs) run on eager inputs only: never inside a compiled or
@@ -632,7 +604,7 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            cache=_one_cache(cache, past_key_values),
+            cache=one_cache(cache, past_key_values),
             **kwargs,
         )
         if self._stats_collector is not None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cache import cache_update
 from .configuration_dpsnr import DPSNRConfig
 from .halting import Decision, HaltingPolicy, build_policy
 from .norms import DPSNRRMSNorm
@@ -114,7 +115,7 @@ class BlockStep(TokenStep):
         k = keys.view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, kvH, T, hd)
         v = values.view(B, T, *values.shape[1:]).transpose(1, 2)
         if ctx.cache is not None:
-            k, v = _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
+            k, v = cache_update(ctx.cache, k, v, ctx.cache_layer + s)
         # 2. queries of the processed rows only, laid out densely for the attention kernel
         x = self.attn_norm(h)  # (m, d)
         q_rows = self.attn.queries(x, ctx.cos[rows], ctx.sin[rows])  # (m, H, hd)
@@ -150,25 +151,7 @@ class BlockStep(TokenStep):
         k = kv["k"].view(B, T, *kv["k"].shape[1:]).transpose(1, 2)
         v = kv["v"].view(B, T, *kv["v"].shape[1:]).transpose(1, 2)
         for s in range(steps_done, self.max_steps):
-            _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
-
-
-def _cache_update(cache, k, v, layer: int):
-    """Append k, v to cache layer `layer`, adding dynamic layers past the controller's ones (a
-    DynamicCache built from the config has exactly num_hidden_layers)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and len(layers) <= layer:
-        if getattr(cache, "layer_class_to_replicate", None) is None:
-            from transformers.cache_utils import DynamicCache, DynamicLayer
-
-            if not isinstance(cache, DynamicCache):
-                raise ValueError(
-                    f"loop_step='block' keeps one cache layer per reasoning step; {type(cache).__name__} has a fixed "
-                    "number of layers. Use the default DynamicCache (cache_implementation='dynamic')."
-                )
-            while len(layers) <= layer:
-                layers.append(DynamicLayer())
-    return cache.update(k, v, layer)
+            cache_update(ctx.cache, k, v, ctx.cache_layer + s)
 
 
 STEP_KINDS: dict[str, type[TokenStep]] = {"token": TokenStep, "block": BlockStep}

@@ -28,18 +28,12 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 
+from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .configuration_retrofit import DPSNRRetrofitConfig
 from .execution import ExecutionPlan
 from .hashed import ngram_cache_layer, prepare_token_reads
-from .modeling_dpsnr import (
-    CACHE_NAME,
-    DPSNRCausalLMOutputWithPast,
-    DPSNRForCausalLM,
-    DPSNRPreTrainedModel,
-    _one_cache,
-    output_cache,
-)
+from .modeling_dpsnr import DPSNRCausalLMOutputWithPast, DPSNRForCausalLM, DPSNRPreTrainedModel
 from .reasoning import LoopOutput, ReasoningLoop
 from .storage import PoolStorageMixin
 
@@ -186,7 +180,7 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
         cache: Cache | None = None,
         **kwargs,
     ) -> DPSNRCausalLMOutputWithPast:
-        cache = _one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         text_config = self.config.text_config

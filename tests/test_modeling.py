@@ -219,7 +219,7 @@ def test_remote_code_loads_in_a_process_where_the_package_is_not_importable(tmp_
 def test_the_cache_keyword_of_every_5x_release_is_accepted_and_returned():
     """5.24 renamed `past_key_values` to `cache`; a forward that ignored either name would decode
     without its cache. Both keywords give the same logits and hand the same cache back."""
-    from modeling_dpsnr.modeling_dpsnr import CACHE_NAME, output_cache
+    from modeling_dpsnr.cache import CACHE_NAME, output_cache
 
     model = tiny_model().eval()
     ids = torch.randint(0, V, (2, 7))
