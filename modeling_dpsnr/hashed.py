@@ -44,7 +44,7 @@ from .cache import cache_update
 from .configuration_dpsnr import DPSNRConfig
 from .kinds import NGRAM_HASH_PRIME, stripe_bounds
 from .norms import DPSNRRMSNorm
-from .reads import EntryTables, Retrieval
+from .reads import EAGER_READ, EntryTables, PoolRead, Retrieval
 
 PAD_ID = 0  # hashed in place of positions before the start (and padding): token ids are hashed as id + 1
 _MASK64 = (1 << 64) - 1
@@ -226,14 +226,18 @@ class HashedNgramPartition(EntryTables):
         self,
         query_input: torch.Tensor | None,  # unused: the rows come from the tokens, not from a query
         x: torch.Tensor,  # (n, d) the normalised state the read is for
-        static: bool = False,
+        read: PoolRead = EAGER_READ,
         token_mask: torch.Tensor | None = None,
-        indices: torch.Tensor | None = None,  # (n, J) rows hashed by `prepare_token_reads`
+        rows: torch.Tensor | None = None,  # (n,) which of the forward's B·T tokens these are; None: all, in order
     ) -> tuple[torch.Tensor, Retrieval]:
+        if read.token_rows is None:
+            raise ValueError(f"partition {self.name!r} is hashed_ngram: its rows come from the token ids, "
+                             "which only the model's forward (with input_ids) provides.")
+        indices = read.token_rows[self.name]  # (B·T, J), hashed by `prepare_token_reads`
         n = x.shape[0]
-        idx = indices.to(self.v.device)  # (n, J)
+        idx = (indices if rows is None else indices[rows]).to(self.v.device)  # (n, J)
         coef = self.slot_weight.expand(n, -1)  # (n, J)
-        m = self.row_sum(self.v, idx, coef, static).to(x.device, x.dtype)  # (n, d)
+        m = self.row_sum(self.v, idx, coef, read).to(x.device, x.dtype)  # (n, d)
         k = self.key_norm(self.key_proj(m))  # (n, d)
         alpha = torch.sigmoid((self.state_norm(x) * k).sum(-1, keepdim=True) / math.sqrt(x.shape[-1]))  # (n, 1)
         return alpha * self.value_proj(m), Retrieval(indices=idx.unsqueeze(-1), weights=coef.unsqueeze(-1))
@@ -252,10 +256,10 @@ class NgramPreludeRead(nn.Module):
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
-    def forward(self, hidden_states: torch.Tensor, static: bool) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, read: PoolRead) -> torch.Tensor:
         B, T, d = hidden_states.shape
         x = self.norm(hidden_states).reshape(B * T, d)  # (B·T, d)
-        return hidden_states + self.pool[0](self.partition, x, x, static=static).view(B, T, d)
+        return hidden_states + self.pool[0](self.partition, x, x, read=read).view(B, T, d)
 
 
 __all__ = ["HashedNgramPartition", "NgramHashRetriever", "NgramPreludeRead", "hash_constants", "ngram_cache_layer",

@@ -31,7 +31,7 @@ from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
-from .hashed import NgramPreludeRead, ngram_cache_layer, prepare_token_reads
+from .hashed import NgramPreludeRead, ngram_cache_layer
 from .norms import DPSNRRMSNorm, RunningQueryNorm
 from .reasoning import ReasoningLoop, TokenStep
 from .storage import PoolStorageMixin
@@ -428,11 +428,11 @@ class DPSNRModel(DPSNRPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        # Hashed n-gram partitions know their rows from the ids alone: hashed (and a memory-mapped
-        # pool asked for their pages) before any block runs; earlier ids come from the cache.
-        pool = self.loop.pool
-        if pool.reads_tokens:
-            pool.set_token_reads(prepare_token_reads(pool, input_ids, attention_mask, cache, ngram_cache_layer(self.config)))
+        # How this forward reads the pool, decided once: the loop driver's read mode, and the rows of hashed
+        # n-gram partitions, known from the ids alone, hashed (and a memory-mapped pool asked for their
+        # pages) before any block runs; earlier ids come from the cache.
+        read = self.loop.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
+                                        ngram_cache_layer(self.config))
 
         B, T = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -471,11 +471,10 @@ class DPSNRModel(DPSNRPreTrainedModel):
                     all_attn.append(w)
             return h
 
-        static = self.execution.static_loop(hidden_states)
         split = num_prelude if self.ngram_read is None else self.ngram_read.layer
         hidden_states = run_blocks(hidden_states, self.layers[:split])
         if self.ngram_read is not None:
-            hidden_states = self.ngram_read(hidden_states, static)
+            hidden_states = self.ngram_read(hidden_states, read)
         hidden_states = run_blocks(hidden_states, self.layers[split:num_prelude])
         # Tokens whose attention mask is 0 (padding) skip the loop in eager mode (and are masked in
         # static mode). The all-ones check is a host sync, so only the eager driver (which syncs
@@ -483,14 +482,12 @@ class DPSNRModel(DPSNRPreTrainedModel):
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()
-            if not static and bool(token_mask.all()):
+            if not read.static and bool(token_mask.all()):
                 token_mask = None
         loop = self.loop(
-            hidden_states, token_mask, static=static, token_embeddings=inputs_embeds,
+            hidden_states, token_mask, read, token_embeddings=inputs_embeds,
             position_embeddings=position_embeddings, attention_mask=causal_mask, cache=cache,
         )
-        if pool.reads_tokens:
-            pool.set_token_reads(None)
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:

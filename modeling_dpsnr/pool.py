@@ -5,8 +5,9 @@
 
 kinds.py describes each kind (config checks, cost, table layout); the registries map it onto the
 module that runs it. A partition module is built as cls(config, name, num_entries), owns its (N, d)
-entry tables through `reads.EntryTables`, and is called as part(query_input, x, static, token_mask)
-→ (read (n, d), Retrieval); the pool adds usage statistics over every partition.
+entry tables through `reads.EntryTables`, and is called as part(query_input, x, read, token_mask, rows)
+→ (read (n, d), Retrieval), where `read` (reads.PoolRead) is how this forward reads the pool, decided
+once by the model (`plan_read`); the pool adds usage statistics over every partition.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 from .configuration_dpsnr import DPSNRConfig
-from .hashed import HashedNgramPartition
+from .hashed import HashedNgramPartition, prepare_token_reads
 from .kinds import product_key_sizes, stripe_bounds  # noqa: F401 (importable from here, as before)
 from .norms import RunningQueryNorm
-from .reads import Retrieval, weighted_row_sum  # noqa: F401 (importable from here, as before)
+from .reads import EAGER_READ, PoolRead, Retrieval, weighted_row_sum  # noqa: F401 (Retrieval, weighted_row_sum: as before)
 from .retrieval import CoordinateRetriever, PoolPartition, ProductKeyRetriever  # noqa: F401
 
 # retrieval kind (kinds.RETRIEVAL_KINDS) → its partition module, for kinds that do not read through a
@@ -42,14 +43,17 @@ class ParameterPool(nn.Module):
             {name: build_partition(config, name, size) for name, size in config.partition_sizes().items()}
         )
         self._usage: dict[str, dict[str, torch.Tensor]] | None = None
-        # Hashed n-gram partitions address rows by the token ids, not by the state: the model hashes
-        # them once per forward (hashed.prepare_token_reads) and hands them over here.
+        # Hashed n-gram partitions address rows by the token ids, not by the state: hashed once per
+        # forward, before any layer runs (`plan_read`).
         self.reads_tokens = any(getattr(part, "reads_tokens", False) for part in self.partitions.values())
-        self._token_reads: dict[str, torch.Tensor] | None = None
 
-    def set_token_reads(self, reads: dict[str, torch.Tensor] | None) -> None:
-        """The rows each hashed partition reads for every token of this forward: name → (B·T, J)."""
-        self._token_reads = reads
+    def plan_read(self, static: bool, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache,
+                  cache_layer: int) -> PoolRead:
+        """How this forward reads the pool: the loop driver's read mode (`static`, from the ExecutionPlan)
+        and the rows of partitions that follow from the token ids, hashed now (and, for a memory-mapped
+        pool, asked for) before any layer runs; earlier ids come from `cache` layer `cache_layer`."""
+        rows = prepare_token_reads(self, input_ids, attention_mask, cache, cache_layer) if self.reads_tokens else None
+        return PoolRead(static=static, token_rows=rows)
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.partitions[name]
@@ -75,22 +79,13 @@ class ParameterPool(nn.Module):
         partition: str,
         query_input: torch.Tensor,
         x: torch.Tensor,
-        static: bool = False,
+        read: PoolRead = EAGER_READ,
         token_mask: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Read `partition` for n tokens. `rows` (n,): which of the forward's B·T tokens they are
-        (needed by hashed n-gram partitions, whose rows were hashed from the ids up front)."""
-        part = self.partitions[partition]
-        if getattr(part, "reads_tokens", False):
-            if self._token_reads is None:
-                raise ValueError(f"partition {partition!r} is hashed_ngram: its rows come from the token ids, "
-                                 "which only the model's forward (with input_ids) provides.")
-            indices = self._token_reads[partition]  # (B·T, J)
-            out, r = part(query_input, x, static=static, token_mask=token_mask,
-                          indices=indices if rows is None else indices[rows])
-        else:
-            out, r = part(query_input, x, static=static, token_mask=token_mask)
+        (hashed n-gram partitions take their rows, hashed up front, from `read.token_rows`)."""
+        out, r = self.partitions[partition](query_input, x, read=read, token_mask=token_mask, rows=rows)
         if self._usage is not None:
             self._record(partition, r, token_mask)
         return out

@@ -113,6 +113,26 @@ def _as_table_grad(table: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor
 
 # ---------------------------------------------------------------------------- rows of the entry tables
 @dataclass
+class PoolRead:
+    """How one forward reads the pool: decided once by the model, before any layer runs, and handed
+    down unchanged to every read (the loop carries it in its LoopContext). Not a per-call flag: a read
+    never asks what driver runs it, and nothing here costs a host sync.
+
+    static: the loop's static driver runs (XLA, torch.compile, export; ExecutionPlan.static_loop): rows
+        are read by gather-multiply-sum, which lowers everywhere, instead of `embedding_bag` and the
+        fused neuron read. Both give the same numbers.
+    token_rows: name → (B·T, J) rows of each partition whose rows follow from the token ids (hashed
+        n-grams), hashed up front (hashed.prepare_token_reads); None when the pool has none.
+    """
+
+    static: bool = False
+    token_rows: dict[str, torch.Tensor] | None = None
+
+
+EAGER_READ = PoolRead()  # the default: eager reads, no token rows (a partition called on its own, in tests)
+
+
+@dataclass
 class Retrieval:
     """Which entries a read takes, and with which weights (what a retriever returns)."""
 
@@ -183,32 +203,32 @@ class EntryTables(nn.Module):
             return self.row_gather(table, idx)
         return F.embedding(idx, table, sparse=self.sparse_grads)
 
-    def row_sum(self, table: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, static: bool) -> torch.Tensor:
+    def row_sum(self, table: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, read: PoolRead) -> torch.Tensor:
         """Σ_j coef[n, j] · table[idx[n, j]] → (n, d), summed where the table lives (host memory, a memory
         map: storage.py), so only (n, d) travels back to the controller."""
-        return weighted_row_sum(table, idx, coef.to(table.device), sparse=self.sparse_grads, use_bag=not static,
+        return weighted_row_sum(table, idx, coef.to(table.device), sparse=self.sparse_grads, use_bag=not read.static,
                                 gather=self.gather_rows)
 
 
 # ---------------------------------------------------------------------------- entry kinds
-def read_values(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, static: bool) -> torch.Tensor:
+def read_values(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, read: PoolRead) -> torch.Tensor:
     """Σ_j coef[n, j] · v[idx[n, j]] → (n, d) in x's device and dtype; idx, coef (n, J) where the tables are."""
-    return part.row_sum(part.v, idx, coef, static).to(x.device, x.dtype)
+    return part.row_sum(part.v, idx, coef, read).to(x.device, x.dtype)
 
 
-def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, static: bool) -> torch.Tensor:
+def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, read: PoolRead) -> torch.Tensor:
     """Σ_j coef[n, j] · act(u[idx[n, j]] · x[n]) · v[idx[n, j]] → (n, d); `part.act` is the activation."""
-    if part.fused_reads and not static and part.row_gather is None and part.v.device == x.device:
+    if part.fused_reads and not read.static and part.row_gather is None and part.v.device == x.device:
         # Chunked read that never materialises the gathered rows; the plain one below is its reference,
         # and the static driver's (it lowers on XLA).
         return neuron_read(part.u, part.v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads)
     u_rows = part.gather_rows(part.u, idx).to(x.device, x.dtype)  # (n, J, d)
     coef = coef * part.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, J)
-    return read_values(part, idx, coef, x, static)
+    return read_values(part, idx, coef, x, read)
 
 
 # entry kind (kinds.ENTRY_KINDS) → how a partition combines the rows it chose
 ENTRY_READS: dict[str, Callable[..., torch.Tensor]] = {"neuron": read_neurons, "value": read_values}
 
-__all__ = ["CHUNK_FLOATS", "ENTRY_READS", "EntryTables", "Retrieval", "neuron_read", "read_neurons", "read_values",
+__all__ = ["CHUNK_FLOATS", "EAGER_READ", "ENTRY_READS", "EntryTables", "PoolRead", "Retrieval", "neuron_read", "read_neurons", "read_values",
            "weighted_row_sum"]

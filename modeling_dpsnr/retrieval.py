@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 from .configuration_dpsnr import DPSNRConfig
 from .kinds import product_key_sizes, stripe_bounds
 from .norms import QUERY_NORMS
-from .reads import ENTRY_READS, EntryTables, Retrieval
+from .reads import EAGER_READ, ENTRY_READS, EntryTables, PoolRead, Retrieval
 
 
 class ProductKeyRetriever(nn.Module):
@@ -290,8 +290,9 @@ class PoolPartition(EntryTables):
         self,
         query_input: torch.Tensor,  # (n, d) what the retriever sees (normed state + step embedding)
         x: torch.Tensor,  # (n, d) what neuron entries act on (normed state)
-        static: bool = False,
-        token_mask: torch.Tensor | None = None,
+        read: PoolRead = EAGER_READ,
+        token_mask: torch.Tensor | None = None,  # (n,) False: a row whose read must not count (static driver)
+        rows: torch.Tensor | None = None,  # (n,) which of the forward's B·T tokens these are (unused here)
     ) -> tuple[torch.Tensor, Retrieval]:
         r = self.retriever(query_input, token_mask)
         n, heads, k = r.indices.shape
@@ -299,7 +300,7 @@ class PoolPartition(EntryTables):
         # storage.py): rows are gathered where the tables are, only (n, ·) results travel back.
         flat_idx = r.indices.reshape(n, heads * k).to(self.v.device)  # (n, H·k)
         coef = r.weights.reshape(n, heads * k)  # (n, H·k)
-        return self.read_rows(self, flat_idx, coef, x, static), r  # (n, d)
+        return self.read_rows(self, flat_idx, coef, x, read), r  # (n, d)
 
 
 __all__ = ["CoordinateRetriever", "ExhaustiveRetriever", "PoolPartition", "ProductKeyRetriever", "RETRIEVERS"]

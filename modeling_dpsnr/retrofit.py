@@ -32,8 +32,9 @@ from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .configuration_retrofit import DPSNRRetrofitConfig
 from .execution import ExecutionPlan
-from .hashed import ngram_cache_layer, prepare_token_reads
+from .hashed import ngram_cache_layer
 from .modeling_dpsnr import DPSNRCausalLMOutputWithPast, DPSNRForCausalLM, DPSNRPreTrainedModel
+from .reads import PoolRead
 from .reasoning import LoopOutput, ReasoningLoop
 from .storage import PoolStorageMixin
 
@@ -44,10 +45,9 @@ MEMORY_KWARG = "dpsnr_memory"  # the keyword the memory's inputs travel under, d
 class MemoryInputs:
     """What the memory reads besides the hidden states, for one forward."""
 
-    token_reads: dict[str, torch.Tensor] | None  # hashed partition → (B·T, J) rows
+    read: PoolRead  # how this forward reads the pool: the loop driver's read mode, rows hashed from the ids
     token_embeddings: torch.Tensor  # (B, T, d) for pool_query_input="state+token"
     token_mask: torch.Tensor | None  # (B, T) bool, False for padding
-    static: bool  # the loop's static driver (XLA, compile) or the eager one
     loop: LoopOutput | None = None  # filled by the memory: steps, halting, ponder cost
 
 
@@ -72,8 +72,7 @@ class RetrofitMemory(nn.Module):
         self.cache_layer = ngram_cache_layer(config)  # the cache layer holding the token ids
 
     def forward(self, hidden_states: torch.Tensor, inputs: MemoryInputs) -> torch.Tensor:
-        self.loop.pool.set_token_reads(inputs.token_reads)
-        out = self.loop(hidden_states, inputs.token_mask, static=inputs.static, token_embeddings=inputs.token_embeddings)
+        out = self.loop(hidden_states, inputs.token_mask, inputs.read, token_embeddings=inputs.token_embeddings)
         inputs.loop = out
         return hidden_states + self.gate.to(hidden_states.dtype) * (out.hidden_states - hidden_states)  # (B, T, d)
 
@@ -187,20 +186,19 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
         use_cache = use_cache if use_cache is not None else (getattr(text_config, "use_cache", True) and not self.training)
         if use_cache and cache is None:  # made here: the hashed read keeps the ids in it
             cache = DynamicCache(config=text_config)
-        # Hashed rows are known from the ids alone: hashed, and asked for, before any layer runs.
-        reads = None
-        if self.pool.reads_tokens:
-            reads = prepare_token_reads(self.pool, input_ids, attention_mask, cache, self.memory.cache_layer)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        static = self.execution.static_loop(inputs_embeds)
+        # How this forward reads the pool, decided once; hashed rows are known from the ids alone: hashed,
+        # and asked for, before any layer runs.
+        read = self.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
+                                   self.memory.cache_layer)
         T = inputs_embeds.shape[1]
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()
-            if not static and bool(token_mask.all()):
+            if not read.static and bool(token_mask.all()):
                 token_mask = None
-        inputs = MemoryInputs(reads, inputs_embeds, token_mask, static)
+        inputs = MemoryInputs(read, inputs_embeds, token_mask)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
             use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_NAME: cache, MEMORY_KWARG: inputs}, **kwargs,

@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from modeling_dpsnr.reads import PoolRead
+
 from conftest import tiny_config, tiny_model
 
 POLICIES = ["act", "fixed", "threshold"]
@@ -33,9 +35,9 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
     loop = model.model.loop
 
     class Step(torch.nn.Module):  # every step adds 1 to the state
-        needs_context, token_norm = False, None
+        attends, token_norm = False, None
 
-        def forward(self, h, s, rows, token, static, token_mask, ctx=None):
+        def forward(self, h, s, rows, token, token_mask, ctx):
             return h + 1.0
 
     class Halt(torch.nn.Module):  # logit of the scripted p for (token, step), read off the state
@@ -48,7 +50,7 @@ def test_act_arithmetic_on_a_hand_checkable_case(static, monkeypatch):
     monkeypatch.setattr(loop.policy, "halt", Halt())
     h0 = torch.zeros(1, 4, loop.config.hidden_size)
     h0[0, :, 0] = torch.arange(4).float()
-    out = loop(h0, None, static=static)
+    out = loop(h0, None, PoolRead(static=static))
     for t in range(4):
         n, r, alpha = _act_reference(probs[t].tolist(), 0.01, 4)
         assert out.steps[0, t] == n
