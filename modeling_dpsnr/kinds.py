@@ -41,6 +41,16 @@ NGRAM_HASH_PRIME = (1 << 31) - 1  # hashed.py hashes token ids + 1 modulo this M
 INDEXER_BALANCES = ("none", "quantile")
 
 
+def _registrar(registry: dict):
+    """A class decorator that registers one instance of the class under its `name`."""
+
+    def register(cls):
+        registry[cls.name] = cls()
+        return cls
+
+    return register
+
+
 # ---------------------------------------------------------------------------- integer layouts (no torch)
 def product_key_sizes(num_entries: int) -> tuple[int, int]:
     """Sub-key table sizes n1 ≥ n2 with n1·n2 ≥ N and n1·n2 − N < n2 (at most one partial row)."""
@@ -70,11 +80,7 @@ class EntryKind:
 
 
 ENTRY_KINDS: dict[str, EntryKind] = {}
-
-
-def register_entry(cls: type[EntryKind]) -> type[EntryKind]:
-    ENTRY_KINDS[cls.name] = cls()
-    return cls
+register_entry = _registrar(ENTRY_KINDS)
 
 
 @register_entry
@@ -136,11 +142,7 @@ class RetrievalKind:
 
 
 RETRIEVAL_KINDS: dict[str, RetrievalKind] = {}
-
-
-def register_retrieval(cls: type[RetrievalKind]) -> type[RetrievalKind]:
-    RETRIEVAL_KINDS[cls.name] = cls()
-    return cls
+register_retrieval = _registrar(RETRIEVAL_KINDS)
 
 
 @register_retrieval

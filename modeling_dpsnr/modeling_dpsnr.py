@@ -3,6 +3,8 @@
     input_ids ─ embed ─ prelude blocks ─ h0 ─ reasoning loop (reasoning.py, pool.py) ─ h*
               ─ coda blocks ─ norm ─ lm_head (tied to embed) ─ logits
 
+Output classes and generation statistics: outputs.py; RMSNorm: norms.py; the KV cache's name: cache.py.
+
 Controller blocks follow transformers' Llama (pre-norm, RMSNorm, RoPE, SwiGLU, attention through
 the attention-function registry so eager / sdpa / flash work, KV cache through `Cache`). The loop
 sits between prelude and coda, so the coda's attention mixes retrieved knowledge across positions.
@@ -11,7 +13,6 @@ sits between prelude and coda, so the coda's attention mixes retrieved knowledge
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
@@ -29,78 +30,16 @@ from transformers.utils import logging
 from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
-from .execution import ExecutionPlan, is_exporting, is_tracing
+from .execution import ExecutionMixin, ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
 from .hashed import NgramPreludeRead, ngram_cache_layer
 from .norms import DPSNRRMSNorm, RunningQueryNorm
-from .reasoning import ReasoningLoop, TokenStep
+from .outputs import DPSNRCausalLMOutputWithPast, DPSNRModelOutputWithPast, ReasoningStatsCollector
+from .reasoning import ReasoningLoop, TokenStep, loop_token_mask
 from .storage import PoolStorageMixin
 
 
 logger = logging.get_logger(__name__)
-
-
-# ---------------------------------------------------------------------------- outputs
-# The KV cache field is inherited from transformers' classes: `cache` or `past_key_values` by release (cache.py).
-@dataclass
-class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the reasoning loop's per-token statistics."""
-
-    reasoning_steps: torch.LongTensor | None = None  # (B, T)
-    halting_probs: torch.FloatTensor | None = None  # (B, T, loop_max_steps)
-    ponder_cost: torch.FloatTensor | None = None  # (B, T)
-    active_params: torch.LongTensor | None = None  # (B, T)
-
-
-@dataclass
-class DPSNRCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the loop's statistics. `loss = lm_loss + loop_ponder_weight ·
-    ponder_loss` when labels are given; both parts are also returned on their own (as Mixtral
-    returns its router loss)."""
-
-    lm_loss: torch.FloatTensor | None = None
-    ponder_loss: torch.FloatTensor | None = None
-    reasoning_steps: torch.LongTensor | None = None
-    halting_probs: torch.FloatTensor | None = None
-    active_params: torch.LongTensor | None = None
-
-
-class ReasoningStatsCollector:
-    """Collects per-token loop statistics while `generate` runs.
-
-    Each decoding forward produces the logits of one new token; the loop that ran on its last
-    input position is what "reasoned" that token, so its steps are attributed to it. With beam
-    search the rows are beam slots at each step (not back-tracked along the final beams). The
-    tensors stay on the model's device (no host copy per decoding step), as the generated ids do.
-    """
-
-    def __init__(self, rows_read: Callable[[torch.Tensor], torch.Tensor]):
-        self.rows_read = rows_read  # steps (B, n) → pool rows read (DPSNRModel.rows_read)
-        self.prompt_steps: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-        self.active: list[torch.Tensor] = []
-
-    def record(self, steps: torch.Tensor, active: torch.Tensor) -> None:
-        if self.prompt_steps is None:
-            self.prompt_steps = steps.detach()
-        self.steps.append(steps[:, -1].detach())
-        self.active.append(active[:, -1].detach())
-
-    def summary(self) -> dict:
-        if not self.steps:
-            return {"steps": torch.zeros(0, 0, dtype=torch.long), "active_params": torch.zeros(0, 0, dtype=torch.long),
-                    "rows_read": torch.zeros(0, 0, dtype=torch.long), "prompt_steps": None,
-                    "avg_loops": float("nan"), "avg_active_params": float("nan")}
-        steps = torch.stack(self.steps, dim=1)  # (B, new_tokens)
-        active = torch.stack(self.active, dim=1)
-        return {
-            "steps": steps,
-            "active_params": active,
-            "rows_read": self.rows_read(steps),
-            "prompt_steps": self.prompt_steps,
-            "avg_loops": steps.float().mean().item(),
-            "avg_active_params": active.double().mean().item(),
-        }
 
 
 # ---------------------------------------------------------------------------- leaves (DPSNRRMSNorm: norms.py)
@@ -259,7 +198,7 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------- models
 # PoolStorageMixin (storage.py): the pool in its own safetensors shards, memory-mapped loading,
 # knowledge injection (write_pool_rows) and place_controller.
-class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
+class DPSNRPreTrainedModel(PoolStorageMixin, ExecutionMixin, PreTrainedModel):
     config_class = DPSNRConfig
     config: DPSNRConfig
     base_model_prefix = "model"
@@ -304,19 +243,10 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
         return total, base.active_params_base() + entries + base.prelude_reads()
 
     # ------------------------------------------------------------------ execution (not architecture)
-    @property
-    def execution(self) -> ExecutionPlan:
-        """How this model runs (loop driver, sparse pool gradients, row reads); see `set_execution`."""
-        return self.base_model._execution
-
-    def set_execution(self, **changes) -> ExecutionPlan:
-        """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
-        `pool_sparse_grads` (bool), `pool_row_gather` (callable or None). Trainers, launchers and
-        loaders call this; nothing of it is saved by `save_pretrained`. Returns the new plan."""
-        base = self.base_model
-        base._execution = base._execution.updated(**changes)
-        base.loop.pool.apply_execution(base._execution)
-        return base._execution
+    def _execution_owner(self):
+        """The plan (`execution`, `set_execution`: execution.ExecutionMixin) lives on the base model,
+        whose forward reads it, so DPSNRForCausalLM and its DPSNRModel share one."""
+        return self.base_model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -476,14 +406,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         if self.ngram_read is not None:
             hidden_states = self.ngram_read(hidden_states, read)
         hidden_states = run_blocks(hidden_states, self.layers[split:num_prelude])
-        # Tokens whose attention mask is 0 (padding) skip the loop in eager mode (and are masked in
-        # static mode). The all-ones check is a host sync, so only the eager driver (which syncs
-        # anyway) makes it.
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -T:].bool()
-            if not read.static and bool(token_mask.all()):
-                token_mask = None
+        token_mask = loop_token_mask(attention_mask, T, read.static)  # padding skips the loop
         loop = self.loop(
             hidden_states, token_mask, read, token_embeddings=inputs_embeds,
             position_embeddings=position_embeddings, attention_mask=causal_mask, cache=cache,
@@ -618,10 +541,8 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                 num_items_in_batch=num_items_in_batch, **kwargs,
             )
-            ponder_loss = self._ponder_loss(outputs.ponder_cost, labels, num_items_in_batch)
-            loss = lm_loss
-            if self.model.loop.policy.has_loss and self.config.loop_ponder_weight > 0:
-                loss = lm_loss + self.config.loop_ponder_weight * ponder_loss.to(lm_loss.dtype)
+            loss, ponder_loss = self.model.loop.losses(lm_loss, outputs.ponder_cost, labels, num_items_in_batch,
+                                                       self.config.loop_ponder_weight)
 
         output = DPSNRCausalLMOutputWithPast(
             loss=loss,
@@ -656,23 +577,6 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         if isinstance(output, ModelOutput):
             output["reasoning_stats"] = stats
         return (output, stats) if return_reasoning_stats else output
-
-    @staticmethod
-    def _ponder_loss(ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Mean ponder cost over the tokens whose next-token prediction is scored.
-
-        Those are exactly the tokens the LM loss averages over (position t predicts labels[t+1]),
-        so under gradient accumulation the same `num_items_in_batch` normalises both terms.
-        """
-        scored = torch.zeros_like(labels, dtype=torch.bool)
-        scored[:, :-1] = labels[:, 1:] != -100
-        total = (ponder_cost * scored).sum()
-        if num_items_in_batch is not None:
-            denom = num_items_in_batch
-            if torch.is_tensor(denom):
-                denom = denom.to(total.device)
-            return total / denom
-        return total / scored.sum().clamp(min=1)
 
 
 __all__ = [

@@ -98,20 +98,14 @@ class ParameterPool(nn.Module):
         Yields a dict name → {"counts": (N,) int64, "mass": (N,) float32}, filled as forwards run.
         Pass the dict of an earlier call to keep accumulating into it (no new O(N) buffers).
         """
-        if usage is not None:
-            previous, self._usage = self._usage, usage
-            try:
-                yield usage
-            finally:
-                self._usage = previous
-            return
-        usage = {}
-        for name, part in self.partitions.items():
-            device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")
-            usage[name] = {
-                "counts": torch.zeros(part.num_entries, dtype=torch.int64, device=device),
-                "mass": torch.zeros(part.num_entries, dtype=torch.float32, device=device),
-            }
+        if usage is None:
+            usage = {}
+            for name, part in self.partitions.items():
+                device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")
+                usage[name] = {
+                    "counts": torch.zeros(part.num_entries, dtype=torch.int64, device=device),
+                    "mass": torch.zeros(part.num_entries, dtype=torch.float32, device=device),
+                }
         previous, self._usage = self._usage, usage
         try:
             yield usage

@@ -162,6 +162,36 @@ class BlockStep(TokenStep):
 STEP_KINDS: dict[str, type[TokenStep]] = {"token": TokenStep, "block": BlockStep}
 
 
+# ---------------------------------------------------------------------------- what the model hands the loop
+def loop_token_mask(attention_mask: torch.Tensor | None, length: int, static: bool) -> torch.Tensor | None:
+    """(B, T) bool of the tokens the loop runs (False: padding, whose attention mask is 0), or None when
+    every token runs. Padding skips the loop in the eager driver and is masked in the static one; whether
+    every token runs is a host sync, so only the eager driver (which syncs anyway) asks."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    token_mask = attention_mask[:, -length:].bool()
+    if not static and bool(token_mask.all()):
+        return None
+    return token_mask
+
+
+def ponder_loss(ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Mean ponder cost over the tokens whose next-token prediction is scored.
+
+    Those are exactly the tokens the LM loss averages over (position t predicts labels[t+1]),
+    so under gradient accumulation the same `num_items_in_batch` normalises both terms.
+    """
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != -100
+    total = (ponder_cost * scored).sum()
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(total.device)
+        return total / denom
+    return total / scored.sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------- the loop
 class ReasoningLoop(nn.Module):
     def __init__(self, config: DPSNRConfig, attention_cls: type[nn.Module] | None = None):
@@ -304,6 +334,17 @@ class ReasoningLoop(nn.Module):
                 ctx.kv["state"], ctx.kv["stale"] = h, rows
         hidden = acc if mask is None else torch.where(mask.unsqueeze(-1), acc, h0)
         return hidden, steps, torch.stack(probs, dim=-1), ponder
+
+    def losses(self, lm_loss: torch.Tensor, ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
+               ponder_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, ponder_loss): `lm_loss + ponder_weight · ponder_loss` when the halting policy's cost is a
+        loss term (ACT), else `lm_loss`; the ponder loss is returned on its own either way (as Mixtral
+        returns its router loss). `ponder_weight` is read by the caller from the config it trains, which
+        the trainer's ponder warm-up changes."""
+        ponder = ponder_loss(ponder_cost, labels, num_items_in_batch)
+        if self.policy.has_loss and ponder_weight > 0:
+            return lm_loss + ponder_weight * ponder.to(lm_loss.dtype), ponder
+        return lm_loss, ponder
 
     # ------------------------------------------------------------------ cost model
     def entries_read(self, steps: torch.Tensor, unit: str = "params") -> torch.Tensor:

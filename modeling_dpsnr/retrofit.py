@@ -31,11 +31,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .configuration_retrofit import DPSNRRetrofitConfig
-from .execution import ExecutionPlan
+from .execution import ExecutionMixin, ExecutionPlan
 from .hashed import ngram_cache_layer
-from .modeling_dpsnr import DPSNRCausalLMOutputWithPast, DPSNRForCausalLM, DPSNRPreTrainedModel
+from .modeling_dpsnr import DPSNRPreTrainedModel
+from .outputs import DPSNRCausalLMOutputWithPast
 from .reads import PoolRead
-from .reasoning import LoopOutput, ReasoningLoop
+from .reasoning import LoopOutput, ReasoningLoop, loop_token_mask
 from .storage import PoolStorageMixin
 
 MEMORY_KWARG = "dpsnr_memory"  # the keyword the memory's inputs travel under, down to the decoder layers
@@ -94,7 +95,7 @@ class _PoolConfigView:
         self.config = config
 
 
-class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixin):
+class DPSNRRetrofitForCausalLM(PoolStorageMixin, ExecutionMixin, PreTrainedModel, GenerationMixin):
     """A pretrained causal LM (`language_model`) with a DPSN-R memory (`memory`) after one of its layers.
 
     Build one with `add_memory(model, ...)`; save and load it as any transformers model (the pool in its
@@ -143,17 +144,6 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value):
         self.language_model.set_output_embeddings(value)
 
-    # ------------------------------------------------------------------ execution (as DPSNRPreTrainedModel)
-    @property
-    def execution(self) -> ExecutionPlan:
-        return self._execution
-
-    def set_execution(self, **changes) -> ExecutionPlan:
-        """`loop_mode`, `pool_sparse_grads`, `pool_row_gather` of the memory (see execution.py)."""
-        self._execution = self._execution.updated(**changes)
-        self.pool.apply_execution(self._execution)
-        return self._execution
-
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters `add_memory` adds (and leaves trainable)."""
         return list(self.memory.parameters())
@@ -192,12 +182,7 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
         # and asked for, before any layer runs.
         read = self.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
                                    self.memory.cache_layer)
-        T = inputs_embeds.shape[1]
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -T:].bool()
-            if not read.static and bool(token_mask.all()):
-                token_mask = None
+        token_mask = loop_token_mask(attention_mask, inputs_embeds.shape[1], read.static)  # padding skips the loop
         inputs = MemoryInputs(read, inputs_embeds, token_mask)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
@@ -205,11 +190,9 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
         )
         loss = lm_loss = ponder_loss = None
         if labels is not None and inputs.loop is not None:
-            lm_loss = loss = outputs.loss
-            ponder_loss = DPSNRForCausalLM._ponder_loss(inputs.loop.ponder_cost, labels, kwargs.get("num_items_in_batch"))
-            weight = self.memory.config.loop_ponder_weight
-            if self.memory.loop.policy.has_loss and weight > 0:
-                loss = lm_loss + weight * ponder_loss.to(lm_loss.dtype)
+            lm_loss = outputs.loss
+            loss, ponder_loss = self.memory.loop.losses(lm_loss, inputs.loop.ponder_cost, labels,
+                                                        kwargs.get("num_items_in_batch"), self.memory.config.loop_ponder_weight)
         return DPSNRCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, ponder_loss=ponder_loss, logits=outputs.logits,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
