@@ -19,10 +19,10 @@ from torch import nn
 
 from .configuration_dpsnr import DPSNRConfig
 from .hashed import HashedNgramPartition, prepare_token_reads
-from .kinds import product_key_sizes, stripe_bounds  # noqa: F401 (importable from here, as before)
+from .kinds import product_key_sizes, stripe_bounds
 from .norms import RunningQueryNorm
-from .reads import EAGER_READ, PoolRead, Retrieval, weighted_row_sum  # noqa: F401 (Retrieval, weighted_row_sum: as before)
-from .retrieval import CoordinateRetriever, PoolPartition, ProductKeyRetriever  # noqa: F401
+from .reads import EAGER_READ, PoolRead, Retrieval, weighted_row_sum
+from .retrieval import CoordinateRetriever, PoolPartition, ProductKeyRetriever
 
 # retrieval kind (kinds.RETRIEVAL_KINDS) → its partition module, for kinds that do not read through a
 # retriever (retrieval.RETRIEVERS, whose partitions are PoolPartitions)
@@ -122,3 +122,11 @@ class ParameterPool(nn.Module):
         idx = idx.reshape(-1).to(stats["counts"].device)
         stats["counts"].index_add_(0, idx, hits.reshape(-1).to(stats["counts"].device))
         stats["mass"].index_add_(0, idx, (w * hits).reshape(-1).to(stats["mass"].device))
+
+
+__all__ = [
+    "PARTITIONS", "ParameterPool", "build_partition",
+    # defined in retrieval.py, reads.py and kinds.py; importable from here as before the pool was split
+    "CoordinateRetriever", "PoolPartition", "ProductKeyRetriever", "Retrieval", "product_key_sizes", "stripe_bounds",
+    "weighted_row_sum",
+]

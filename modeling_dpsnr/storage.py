@@ -241,7 +241,7 @@ def map_offloaded_pool(model: nn.Module, path, verify: bool, prefetch: bool, **h
     step, and the index does not even know the pool files. Instead, the partitions' accelerate hooks
     (their only direct tensors are the tables) are removed and the tables are memory-mapped read-only
     from the pool files in host memory, as `pool_mmap=True` does; each read gathers its rows there
-    (PoolPartition.forward). The retrievers and the rest of the controller stay with accelerate.
+    (reads.EntryTables). The retrievers and the rest of the controller stay with accelerate.
     """
     from accelerate.hooks import remove_hook_from_module  # installed whenever transformers dispatched a map
 
