@@ -60,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     # checkpoint folders
     "publish": Command("dpsnr.hub.publish", "assemble a Hub-ready folder with its model card; --push uploads it",
                        "dpsnr publish --checkpoint runs/micro-tinystories --preset micro --output-dir hub/micro"),
+    "presets": Command("dpsnr.preset_counts", "count every preset's parameters (meta device) as presets.py states them",
+                       "dpsnr presets --names debug tiny"),
     "pool-tool": Command("dpsnr.pool_tool", "init, grow or verify a pool on disk larger than RAM",
                          "dpsnr pool-tool init --preset tiny --out dpsnr-tiny"),
 }

@@ -9,14 +9,17 @@
 --pool-only, saves a freshly initialised controller beside them: a checkpoint that
 `from_pretrained(DIR, pool_mmap=True)` opens with a few hundred MB of RAM.
 
-`grow` writes a larger pool from an existing one, chunk by chunk:
-- coordinate retrieval: each head's stripe is stretched. Row j of the new stripe copies the old
-  row at the same relative position, so μ (a relative position, predicted by an indexer that does
-  not depend on N) still lands on the same content. σ is measured in rows, so a window now spans
-  fewer distinct old rows and outputs shift somewhat; the duplicated rows diverge with training.
-- product keys / exhaustive: old rows keep their indices and new rows are random. The sub-key
-  tables change shape with N, so load the grown checkpoint with
-  `from_pretrained(DIR, ignore_mismatched_sizes=True)`; transformers re-initialises them.
+`grow` writes a larger pool from an existing one, chunk by chunk, partition by partition, as the
+partition's retrieval kind addresses its rows (kinds.py):
+- kinds that address rows by relative position in a head's stripe (coordinate): each stripe is
+  stretched. Row j of the new stripe copies the old row at the same relative position, so μ (a
+  relative position, predicted by an indexer that does not depend on N) still lands on the same
+  content. σ is measured in rows, so a window now spans fewer distinct old rows and outputs shift
+  somewhat; the duplicated rows diverge with training.
+- the others (product keys, exhaustive, hashed n-grams): old rows keep their indices and new rows are
+  random. Kinds whose parameters follow the pool size (product keys' sub-key tables) change shape, so
+  load the grown checkpoint with `from_pretrained(DIR, ignore_mismatched_sizes=True)`; transformers
+  re-initialises them.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from pathlib import Path
 import torch
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr.pool import stripe_bounds
+from modeling_dpsnr.kinds import stripe_bounds
 from modeling_dpsnr.pool_files import (
-    DEFAULT_MAX_SHARD_SIZE, check_pool, map_tables, parse_size, pool_bytes, pool_table_shapes, resolve_pool,
-    write_pool_files,
+    DEFAULT_MAX_SHARD_SIZE, check_pool, map_tables, parse_size, pool_bytes, pool_index_fields, pool_table_shapes,
+    resolve_pool, write_pool_files,
 )
 from modeling_dpsnr.storage import materialize_meta
 
@@ -50,10 +53,6 @@ def load_config(spec: str, overrides: dict | None = None) -> DPSNRConfig:
     if overrides and "loop_max_steps" in overrides:
         base.pop("loop_phase_schedule", None)
     return DPSNRConfig.from_dict(base)
-
-
-def _pool_extra(config: DPSNRConfig) -> dict:
-    return {"hidden_size": config.hidden_size, "pool_entry": config.pool_entry, "partitions": config.partition_sizes()}
 
 
 def random_rows(config: DPSNRConfig, seed: int):
@@ -73,7 +72,7 @@ def init_checkpoint(config: DPSNRConfig, out: str | Path, dtype: torch.dtype = t
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, pool_only: bool = False) -> dict:
     """Stream a random pool into `out`; unless `pool_only`, add a fresh controller (config, weights, code)."""
     index = write_pool_files(Path(out), pool_table_shapes(config), dtype, random_rows(config, seed),
-                             parse_size(max_shard_size), extra=_pool_extra(config))
+                             parse_size(max_shard_size), extra=pool_index_fields(config))
     if not pool_only:
         init_controller(config, out, seed)
     return index
@@ -111,7 +110,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, pool_size: int, seed: int 
     def rows(name: str, start: int, stop: int) -> torch.Tensor:
         part = name.rsplit(".", 1)[0]
         j = torch.arange(start, stop, dtype=torch.int64)
-        if new.pool_retrieval == "coordinate":
+        if new.partition_kind(part).keeps_relative_positions:
             return old_tables[name][_stretch(j, old_sizes[part], new_sizes[part], new.pool_heads)].float()
         block = fresh(name, start, stop)
         keep = j < old_sizes[part]
@@ -120,7 +119,7 @@ def grow_checkpoint(src: str | Path, out: str | Path, pool_size: int, seed: int 
         return block
 
     dtype = getattr(torch, json.loads(found[0].read_text())["dtype"])
-    write_pool_files(out, pool_table_shapes(new), dtype, rows, parse_size(max_shard_size), extra=_pool_extra(new))
+    write_pool_files(out, pool_table_shapes(new), dtype, rows, parse_size(max_shard_size), extra=pool_index_fields(new))
     for f in src.iterdir():  # controller weights and remote code are unchanged
         if f.name.startswith("model.safetensors") or f.suffix == ".py" or f.name == "generation_config.json":
             shutil.copy2(f, out / f.name)
@@ -186,7 +185,7 @@ def _init(args: InitArguments) -> dict:
 
 def _grow(args: GrowArguments) -> dict:
     new = grow_checkpoint(args.src, args.out, args.pool_size, args.seed)
-    if new.pool_retrieval != "coordinate":
+    if any(new.partition_kind(p).size_shaped_parameters for p in new.pool_partitions):
         print("product-key sub-keys change shape with the pool: load with ignore_mismatched_sizes=True", file=sys.stderr)
     return {"out": args.out, "pool_size": new.pool_size}
 

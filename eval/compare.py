@@ -40,7 +40,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import modeling_dpsnr  # noqa: F401
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr.presets import count_parameters
 
 from dpsnr.eval.pool_health import usage_statistics
 from dpsnr.scripting import parse_dataclasses
@@ -171,7 +170,7 @@ def run_variant(name, kind, overrides, data, tokenizer, budget: BudgetArguments,
                           data_collator=default_data_collator)
     else:
         model = DPSNRForCausalLM(cfg)
-        total, active = count_parameters(model)
+        total, active = model.count_parameters()
         trainer = DPSNRTrainer(model=model, args=DPSNRTrainingArguments(pool_learning_rate=budget.pool_lr, **common),
                                train_dataset=data["train"], data_collator=default_data_collator)
     start = time.time()

@@ -256,9 +256,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
     mean_steps = record.get("mean_steps")
     total = sum(p.numel() for p in model.parameters())
     if kind == "dpsnr":
-        from modeling_dpsnr.presets import count_parameters
-
-        total, active = count_parameters(model)
+        total, active = model.count_parameters()
     else:
         active = total - model.model.embed_tokens.weight.numel()
     record.update(

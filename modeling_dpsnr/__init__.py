@@ -9,13 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_dpsnr import DPSNRConfig
 from .configuration_retrofit import DPSNRRetrofitConfig
-from .modeling_dpsnr import (
-    DPSNRCausalLMOutputWithPast,
-    DPSNRForCausalLM,
-    DPSNRModel,
-    DPSNRModelOutputWithPast,
-    DPSNRPreTrainedModel,
-)
+from .modeling_dpsnr import DPSNRForCausalLM, DPSNRModel, DPSNRPreTrainedModel
+from .outputs import DPSNRCausalLMOutputWithPast, DPSNRModelOutputWithPast
 from .retrofit import DPSNRRetrofitForCausalLM, add_memory
 
 AutoConfig.register("dpsnr", DPSNRConfig, exist_ok=True)

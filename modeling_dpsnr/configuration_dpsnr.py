@@ -14,21 +14,21 @@ from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .execution import LEGACY_CONFIG_KEYS
+from .kinds import ENTRY_KINDS, RETRIEVAL_KINDS, EntryKind, RetrievalKind
+from .presets import preset_kwargs
+from .validation import check_choice, check_nonneg_int, check_positive_float, check_positive_int, check_rate, is_int
 
 
 logger = logging.get_logger(__name__)
 
-POOL_RETRIEVALS = ("product_key", "exhaustive", "coordinate", "hashed_ngram")
-POOL_ENTRIES = ("neuron", "value")
-POOL_QUERY_NORMS = ("rms", "layer", "running")
+# pool_retrieval and pool_entry name kinds of kinds.py: RETRIEVAL_KINDS, ENTRY_KINDS (their checks, cost, tables)
+POOL_QUERY_NORMS = ("rms", "layer", "running")  # norms.QUERY_NORMS
 POOL_KEY_NORMS = ("none", "unit")
 POOL_BALANCES = ("none", "bias")
 POOL_QUERY_INPUTS = ("state+token", "state")
-INDEXER_BALANCES = ("none", "quantile")
 LOOP_HALTINGS = ("act", "fixed", "threshold")  # halting.POLICIES
 LEGACY_LOOP_HALTINGS = {"none": "fixed"}  # names saved configs may carry
 LOOP_STEPS = ("token", "block")  # reasoning.STEP_KINDS
-NGRAM_HASH_PRIME = (1 << 31) - 1  # hashed.py hashes token ids + 1 modulo this Mersenne prime
 DEFAULT_NGRAM_ORDERS = [2, 3]  # Engram (DeepSeek 2026) reads 2- and 3-grams
 
 # Default partitions and the share of the reasoning steps each one gets when the schedule is
@@ -96,6 +96,7 @@ class DPSNRConfig(PreTrainedConfig):
             "exhaustive" (scores every entry with the same keys; the reference for tests),
             "coordinate" (a learned indexer reads a contiguous window; see `indexer_*`) or
             "hashed_ngram" (rows chosen by hashing the last tokens, gated by the state; see `ngram_*`).
+            Each kind is a descriptor in kinds.py (its config checks, cost and tables).
         pool_partition_retrieval (`dict[str, str]`, None): partition name → retrieval kind, for the
             partitions whose kind differs from `pool_retrieval` (one model can mix kinds, e.g.
             {"grammar": "hashed_ngram"} beside product-key partitions).
@@ -268,14 +269,13 @@ class DPSNRConfig(PreTrainedConfig):
         self.loop_halting = LEGACY_LOOP_HALTINGS.get(self.loop_halting, self.loop_halting)
         if self.loop_capacity is not None:
             self.loop_capacity = [float(c) for c in self.loop_capacity]
-        elif _is_int(self.loop_max_steps) and _is_int(self.loop_min_steps) and self.loop_max_steps > 0:
+        elif is_int(self.loop_max_steps) and is_int(self.loop_min_steps) and self.loop_max_steps > 0:
             self.loop_capacity = derive_capacity(self.loop_max_steps, self.loop_min_steps)
         self._check_controller()
         if self.head_dim is None:  # explicit, as transformers' RoPE initialisers (yarn, dynamic, ...) read it
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_pool()
-        self._check_ngram()
-        if self.loop_phase_schedule is None and _is_int(self.loop_max_steps) and self.loop_max_steps > 0:
+        if self.loop_phase_schedule is None and is_int(self.loop_max_steps) and self.loop_max_steps > 0:
             self.loop_phase_schedule = derive_phase_schedule(list(self.pool_partitions), self.loop_max_steps)
         self._check_loop()
         super().__post_init__(**kwargs)
@@ -297,26 +297,38 @@ class DPSNRConfig(PreTrainedConfig):
         sizes[largest] += self.pool_size - sum(sizes.values())
         return sizes
 
-    @property
-    def pool_reads_per_head(self) -> int:
-        """Entries each head reads per step: top-k, or the coordinate window K."""
-        return self.indexer_window if self.pool_retrieval == "coordinate" else self.pool_topk
-
-    @property
-    def pool_entry_params(self) -> int:
-        """Parameters stored per pool entry (u and v for neurons, v for values)."""
-        return (2 if self.pool_entry == "neuron" else 1) * self.hidden_size
-
-    # per partition: one model can mix retrieval kinds (`pool_partition_retrieval`)
+    # per partition: one model can mix retrieval kinds (`pool_partition_retrieval`); kinds.py describes each
     def partition_retrieval(self, name: str) -> str:
         """The retrieval kind of partition `name`."""
         return (self.pool_partition_retrieval or {}).get(name, self.pool_retrieval)
 
+    def partition_kind(self, name: str) -> RetrievalKind:
+        """The descriptor of partition `name`'s retrieval kind (checks, cost, tables)."""
+        return RETRIEVAL_KINDS[self.partition_retrieval(name)]
+
+    @property
+    def retrieval_kind(self) -> RetrievalKind:
+        """The descriptor of `pool_retrieval`, the kind of every partition not named in `pool_partition_retrieval`."""
+        return RETRIEVAL_KINDS[self.pool_retrieval]
+
+    @property
+    def entry_kind(self) -> EntryKind:
+        """The descriptor of `pool_entry`."""
+        return ENTRY_KINDS[self.pool_entry]
+
+    @property
+    def pool_reads_per_head(self) -> int:
+        """Entries each head reads per step with `pool_retrieval`: top-k, or the coordinate window K."""
+        return self.retrieval_kind.reads_per_head(self)
+
+    @property
+    def pool_entry_params(self) -> int:
+        """Parameters stored per pool entry (u and v for neurons, v for values)."""
+        return self.entry_kind.params_per_row(self.hidden_size)
+
     def partition_tables(self, name: str) -> tuple[str, ...]:
-        """The entry tables of partition `name`: hashed n-gram partitions store values only."""
-        if self.pool_entry == "value" or self.partition_retrieval(name) == "hashed_ngram":
-            return ("v",)
-        return ("u", "v")
+        """The entry tables of partition `name` (hashed n-gram partitions store values only)."""
+        return self.partition_kind(name).tables(self.entry_kind)
 
     @property
     def ngram_slots(self) -> int:
@@ -325,10 +337,7 @@ class DPSNRConfig(PreTrainedConfig):
 
     def partition_rows_per_read(self, name: str) -> int:
         """Rows one read of partition `name` takes per token."""
-        kind = self.partition_retrieval(name)
-        if kind == "hashed_ngram":
-            return self.ngram_slots
-        return self.pool_heads * (self.indexer_window if kind == "coordinate" else self.pool_topk)
+        return self.partition_kind(name).rows_per_read(self)
 
     def partition_params_per_read(self, name: str) -> int:
         """Entry parameters one read of partition `name` touches per token."""
@@ -340,8 +349,8 @@ class DPSNRConfig(PreTrainedConfig):
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
         ):
-            _check_positive_int(name, getattr(self, name))
-        _check_nonneg_int("num_prelude_layers", self.num_prelude_layers)
+            check_positive_int(name, getattr(self, name))
+        check_nonneg_int("num_prelude_layers", self.num_prelude_layers)
         if self.num_prelude_layers > self.num_hidden_layers:
             raise ValueError(
                 f"num_prelude_layers ({self.num_prelude_layers}) must be at most num_hidden_layers "
@@ -353,7 +362,7 @@ class DPSNRConfig(PreTrainedConfig):
                 f"({self.num_attention_heads}), or set head_dim explicitly."
             )
         if self.head_dim is not None:
-            _check_positive_int("head_dim", self.head_dim)
+            check_positive_int("head_dim", self.head_dim)
         if self.attention_head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.attention_head_dim}) must be even for rotary embeddings.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -364,11 +373,11 @@ class DPSNRConfig(PreTrainedConfig):
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             ids = getattr(self, name)
             for i in ids if isinstance(ids, list) else [ids]:
-                if i is not None and (not _is_int(i) or not 0 <= i < self.vocab_size):
+                if i is not None and (not is_int(i) or not 0 <= i < self.vocab_size):
                     raise ValueError(f"{name} ({i!r}) must be a token id in [0, vocab_size={self.vocab_size}).")
-        _check_positive_float("rope_theta", self.rope_theta)
-        _check_positive_float("rms_norm_eps", self.rms_norm_eps)
-        _check_positive_float("initializer_range", self.initializer_range)
+        check_positive_float("rope_theta", self.rope_theta)
+        check_positive_float("rms_norm_eps", self.rms_norm_eps)
+        check_positive_float("initializer_range", self.initializer_range)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
         from transformers.activations import ACT2FN
@@ -378,23 +387,22 @@ class DPSNRConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be one of transformers' activations, got {getattr(self, name)!r}.")
 
     def _check_pool(self) -> None:
-        _check_positive_int("pool_size", self.pool_size)
-        _check_choice("pool_retrieval", self.pool_retrieval, POOL_RETRIEVALS)
-        _check_choice("pool_entry", self.pool_entry, POOL_ENTRIES)
-        _check_choice("pool_query_norm", self.pool_query_norm, POOL_QUERY_NORMS)
-        _check_choice("pool_key_norm", self.pool_key_norm, POOL_KEY_NORMS)
-        if not (isinstance(self.pool_query_norm_momentum, (int, float)) and 0.0 < self.pool_query_norm_momentum <= 1.0):
-            raise ValueError(f"pool_query_norm_momentum must be in (0, 1], got {self.pool_query_norm_momentum!r}.")
-        _check_choice("pool_query_input", self.pool_query_input, POOL_QUERY_INPUTS)
-        _check_choice("pool_balance", self.pool_balance, POOL_BALANCES)
-        _check_positive_int("pool_heads", self.pool_heads)
-        _check_positive_int("pool_topk", self.pool_topk)
-        _check_positive_int("pool_key_dim", self.pool_key_dim)
+        check_positive_int("pool_size", self.pool_size)
+        check_choice("pool_retrieval", self.pool_retrieval, RETRIEVAL_KINDS)
+        check_choice("pool_entry", self.pool_entry, ENTRY_KINDS)
+        check_choice("pool_query_norm", self.pool_query_norm, POOL_QUERY_NORMS)
+        check_choice("pool_key_norm", self.pool_key_norm, POOL_KEY_NORMS)
+        check_rate("pool_query_norm_momentum", self.pool_query_norm_momentum)
+        check_choice("pool_query_input", self.pool_query_input, POOL_QUERY_INPUTS)
+        check_choice("pool_balance", self.pool_balance, POOL_BALANCES)
+        check_positive_int("pool_heads", self.pool_heads)
+        check_positive_int("pool_topk", self.pool_topk)
+        check_positive_int("pool_key_dim", self.pool_key_dim)
         if self.pool_key_dim % 2 != 0:
             raise ValueError(f"pool_key_dim ({self.pool_key_dim}) must be even: product keys split it in two halves.")
         if self.pool_init_std is not None:
-            _check_positive_float("pool_init_std", self.pool_init_std)
-        _check_positive_float("pool_balance_rate", self.pool_balance_rate)
+            check_positive_float("pool_init_std", self.pool_init_std)
+        check_positive_float("pool_balance_rate", self.pool_balance_rate)
         if not (isinstance(self.pool_selection_noise, (int, float)) and self.pool_selection_noise >= 0):
             raise ValueError(f"pool_selection_noise must be ≥ 0, got {self.pool_selection_noise!r}.")
 
@@ -418,71 +426,23 @@ class DPSNRConfig(PreTrainedConfig):
             if unknown:
                 raise ValueError(f"pool_partition_retrieval names unknown partition(s) {unknown}; known: {list(parts)}.")
             for name, kind in kinds.items():
-                _check_choice(f"pool_partition_retrieval[{name!r}]", kind, POOL_RETRIEVALS)
-        for name, size in self.partition_sizes().items():
-            kind = self.partition_retrieval(name)
-            if kind in ("product_key", "exhaustive") and size < self.pool_topk:
-                raise ValueError(
-                    f"pool_topk ({self.pool_topk}) is larger than partition {name!r} ({size} entries of "
-                    f"pool_size={self.pool_size}); raise pool_size or lower pool_topk."
-                )
-            if kind == "coordinate" and size < self.indexer_window * self.pool_heads:
-                raise ValueError(
-                    f"indexer_window ({self.indexer_window}) × pool_heads ({self.pool_heads}) is larger than "
-                    f"partition {name!r} ({size} entries): each head needs a stripe of at least one window."
-                )
-        if any(self.partition_retrieval(name) == "coordinate" for name in parts):
-            _check_positive_int("indexer_hidden_size", self.indexer_hidden_size)
-            _check_positive_int("indexer_window", self.indexer_window)
-            _check_positive_float("indexer_min_sigma", self.indexer_min_sigma)
-            _check_choice("indexer_balance", self.indexer_balance, INDEXER_BALANCES)
-            _check_positive_int("indexer_balance_bins", self.indexer_balance_bins)
-            if not (isinstance(self.indexer_balance_momentum, (int, float)) and 0.0 < self.indexer_balance_momentum <= 1.0):
-                raise ValueError(f"indexer_balance_momentum must be in (0, 1], got {self.indexer_balance_momentum!r}.")
-        if self.pool_balance == "bias" and not any(self.partition_retrieval(n) in ("product_key", "exhaustive") for n in parts):
+                check_choice(f"pool_partition_retrieval[{name!r}]", kind, RETRIEVAL_KINDS)
+        # Each kind checks what it needs of the config (kinds.py), given its partitions (possibly none).
+        sizes = self.partition_sizes()
+        for name, kind in RETRIEVAL_KINDS.items():
+            kind.check(self, {p: n for p, n in sizes.items() if self.partition_retrieval(p) == name})
+        if self.pool_balance == "bias" and not any(self.partition_kind(p).sub_keys for p in parts):
             raise ValueError("pool_balance='bias' applies to product-key sub-keys; use it with pool_retrieval='product_key'.")
 
-    def _check_ngram(self) -> None:
-        orders = self.ngram_orders
-        if not isinstance(orders, list) or not orders or any(not _is_int(o) or o < 1 for o in orders):
-            raise ValueError(f"ngram_orders must be a non-empty list of positive n-gram lengths, got {orders!r}.")
-        if len(set(orders)) != len(orders):
-            raise ValueError(f"ngram_orders must not repeat an order, got {orders}.")
-        _check_positive_int("ngram_heads", self.ngram_heads)
-        hashed = [n for n in self.pool_partitions if self.partition_retrieval(n) == "hashed_ngram"]
-        if hashed and self.vocab_size > NGRAM_HASH_PRIME - 2:
-            raise ValueError(f"vocab_size ({self.vocab_size}) must be below 2^31 - 2 for hashed_ngram partitions "
-                             "(token ids + 1 are hashed modulo the prime 2^31 - 1).")
-        sizes = self.partition_sizes()
-        for name in hashed:
-            if sizes[name] < 2 * self.ngram_slots:
-                raise ValueError(
-                    f"partition {name!r} ({sizes[name]} entries) is too small for its {self.ngram_slots} hash slots "
-                    f"(ngram_orders × ngram_heads): each slot needs a prime-sized stripe of at least 2 rows."
-                )
-        prelude = self.ngram_prelude_partition
-        if prelude is not None:
-            if prelude not in hashed:
-                raise ValueError(
-                    f"ngram_prelude_partition ({prelude!r}) must name a partition of kind 'hashed_ngram'; "
-                    f"hashed partitions: {hashed}."
-                )
-            _check_nonneg_int("ngram_prelude_layer", self.ngram_prelude_layer)
-            if self.ngram_prelude_layer > self.num_prelude_layers:
-                raise ValueError(
-                    f"ngram_prelude_layer ({self.ngram_prelude_layer}) must be at most num_prelude_layers "
-                    f"({self.num_prelude_layers}): the read sits in the prelude."
-                )
-
     def _check_loop(self) -> None:
-        _check_positive_int("loop_max_steps", self.loop_max_steps)
-        _check_positive_int("loop_min_steps", self.loop_min_steps)
+        check_positive_int("loop_max_steps", self.loop_max_steps)
+        check_positive_int("loop_min_steps", self.loop_min_steps)
         if self.loop_min_steps > self.loop_max_steps:
             raise ValueError(
                 f"loop_min_steps ({self.loop_min_steps}) must be ≤ loop_max_steps ({self.loop_max_steps})."
             )
-        _check_choice("loop_halting", self.loop_halting, LOOP_HALTINGS)
-        _check_choice("loop_step", self.loop_step, LOOP_STEPS)
+        check_choice("loop_halting", self.loop_halting, LOOP_HALTINGS)
+        check_choice("loop_step", self.loop_step, LOOP_STEPS)
         cap = self.loop_capacity
         if not isinstance(cap, list) or len(cap) != self.loop_max_steps:
             raise ValueError(f"loop_capacity must list one share per step ({self.loop_max_steps} numbers), got {cap!r}.")
@@ -490,8 +450,7 @@ class DPSNRConfig(PreTrainedConfig):
             raise ValueError(f"loop_capacity must be non-increasing shares in (0, 1], got {cap}.")
         if any(c != 1.0 for c in cap[: self.loop_min_steps]):
             raise ValueError(f"loop_capacity must be 1.0 for the first loop_min_steps ({self.loop_min_steps}) steps, got {cap}.")
-        if not (isinstance(self.loop_threshold_momentum, (int, float)) and 0.0 < self.loop_threshold_momentum <= 1.0):
-            raise ValueError(f"loop_threshold_momentum must be in (0, 1], got {self.loop_threshold_momentum!r}.")
+        check_rate("loop_threshold_momentum", self.loop_threshold_momentum)
         if not 0.0 < self.loop_halt_epsilon < 1.0:
             raise ValueError(f"loop_halt_epsilon must be in (0, 1), got {self.loop_halt_epsilon}.")
         if not (isinstance(self.loop_ponder_weight, (int, float)) and self.loop_ponder_weight >= 0):
@@ -513,35 +472,9 @@ class DPSNRConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DPSNRConfig":
         """Build a named preset (see `presets.py`), with any field overridden."""
-        from .presets import preset_kwargs
-
         kwargs = preset_kwargs(name)
         kwargs.update(overrides)
         return cls(**kwargs)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _check_nonneg_int(name: str, value) -> None:
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-
-
-def _check_positive_float(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-
-
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
 
 
 __all__ = ["DPSNRConfig", "derive_capacity", "derive_phase_schedule"]

@@ -9,13 +9,14 @@ forward, the usual approximation.
 Per token, DPSN-R spends
     controller   L × (attention projections + attention core + SwiGLU MLP)
     lm head      d × V
-    loop         steps × (per-step cost of the step kind), where a step costs
-                   query d·H·c, product-key scores H·(n1 + n2)·c/2 (exhaustive: H·N·c/2;
-                   coordinate: the indexer MLP), entry reads H·k·entry_params (neuron: u·x and
-                   the weighted v), the gate d², the halting head; the block step adds one
-                   attention block (projections + core). A hashed n-gram read (hashed.py) costs
-                   J·d for the weighted rows, 2·d² for W_k and W_v and d for the gate; its
-                   hashing is O(J·C) integer work, not counted.
+    loop         steps × (per-step cost of the step kind), where a step costs one read of its
+                   partition, the gate d² and the halting head; the block step adds one attention
+                   block (projections + core). A read costs what its retrieval kind says
+                   (kinds.py, `read_macs`): choosing the rows (product keys: query d·H·c + sub-key
+                   scores H·(n1 + n2)·c/2; exhaustive: H·N·c/2; coordinate: the indexer MLP) plus
+                   rows × parameters per entry (neuron: u·x and the weighted v); a hashed n-gram read
+                   J·d for the weighted rows, 2·d² for W_k and W_v and d for the gate (its hashing
+                   is O(J·C) integer work, not counted).
     prelude read the hashed n-gram read after a prelude block, when configured
 so `steps` (the mean reasoning steps of a run) is the only quantity that comes from a measurement.
 """
@@ -23,7 +24,6 @@ so `steps` (the mean reasoning steps of a run) is the only quantity that comes f
 from __future__ import annotations
 
 from .configuration_dpsnr import DPSNRConfig
-from .pool import product_key_sizes
 
 
 def attention_macs(d: int, heads: int, kv_heads: int, head_dim: int, context: float) -> float:
@@ -37,26 +37,9 @@ def block_macs(d: int, heads: int, kv_heads: int, head_dim: int, intermediate: i
     return attention_macs(d, heads, kv_heads, head_dim, context) + 3 * d * intermediate
 
 
-def retrieval_macs(config: DPSNRConfig, partition_entries: int) -> float:
-    """Choosing the entries of one step in one partition, per token."""
-    c = config
-    if c.pool_retrieval == "coordinate":
-        return c.hidden_size * c.indexer_hidden_size + c.indexer_hidden_size * 2 * c.pool_heads
-    query = c.hidden_size * c.pool_heads * c.pool_key_dim
-    if c.pool_retrieval == "exhaustive":
-        return query + c.pool_heads * partition_entries * c.pool_key_dim / 2
-    n1, n2 = product_key_sizes(partition_entries)
-    return query + c.pool_heads * (n1 + n2) * c.pool_key_dim / 2
-
-
 def read_macs(config: DPSNRConfig, partition: str) -> float:
     """One read of `partition` for one token: choosing the rows and combining them."""
-    c = config
-    if c.partition_retrieval(partition) == "hashed_ngram":
-        d = c.hidden_size
-        return c.ngram_slots * d + 2 * d * d + d  # weighted rows, W_k and W_v, the gate's dot product
-    reads = c.partition_params_per_read(partition)  # u·x and the weighted v (neuron)
-    return retrieval_macs(c, c.partition_sizes()[partition]) + reads
+    return config.partition_kind(partition).read_macs(config, config.partition_sizes()[partition], config.entry_kind)
 
 
 def loop_step_macs(config: DPSNRConfig, step: int, context: float) -> float:
@@ -102,10 +85,8 @@ def pool_bytes_per_token(config: DPSNRConfig, steps: float | None = None, bytes_
     steps = c.loop_max_steps if steps is None else steps
     sizes = c.partition_sizes()
 
-    def step_params(p: str) -> float:  # entry rows, plus the sub-keys a product-key read scores
-        keys = c.pool_heads * sum(product_key_sizes(sizes[p])) * c.pool_key_dim / 2 \
-            if c.partition_retrieval(p) == "product_key" else 0.0
-        return c.partition_params_per_read(p) + keys
+    def step_params(p: str) -> float:  # entry rows, plus what choosing them reads (product keys: the sub-keys)
+        return c.partition_params_per_read(p) + c.partition_kind(p).scored_params(c, sizes[p])
 
     per_step = sum(step_params(p) for p in c.loop_phase_schedule) / c.loop_max_steps
     prelude = c.partition_params_per_read(c.ngram_prelude_partition) if c.ngram_prelude_partition is not None else 0

@@ -82,7 +82,31 @@ def is_exporting() -> bool:
     return bool(check and check())
 
 
+class ExecutionMixin:
+    """`execution` and `set_execution` for a model that reads a pool (`self.pool`): DPSN-R's models and the
+    retrofitted LM. The plan is kept by `_execution_owner()`, the module whose forward reads it (DPSN-R:
+    the base model, shared by DPSNRForCausalLM and its DPSNRModel), under `_execution`."""
+
+    def _execution_owner(self):
+        return self
+
+    @property
+    def execution(self) -> ExecutionPlan:
+        """How this model runs (loop driver, sparse pool gradients, row reads); see `set_execution`."""
+        return self._execution_owner()._execution
+
+    def set_execution(self, **changes) -> ExecutionPlan:
+        """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
+        `pool_sparse_grads` (bool), `pool_fused_reads` (bool), `pool_row_gather` (callable or None).
+        Trainers, launchers and loaders call this; nothing of it is saved by `save_pretrained`.
+        Returns the new plan."""
+        owner = self._execution_owner()
+        owner._execution = owner._execution.updated(**changes)
+        self.pool.apply_execution(owner._execution)
+        return owner._execution
+
+
 # Keys that configs saved before the plan existed carry; they are runtime settings, dropped on load.
 LEGACY_CONFIG_KEYS = ("loop_mode", "pool_sparse_grads")
 
-__all__ = ["ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_exporting", "is_tracing"]
+__all__ = ["ExecutionMixin", "ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_exporting", "is_tracing"]

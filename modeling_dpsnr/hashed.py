@@ -40,9 +40,11 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_dpsnr import NGRAM_HASH_PRIME, DPSNRConfig
-from .pool import QueryNorm, Retrieval, stripe_bounds, weighted_row_sum
-from .reasoning import _cache_update
+from .cache import cache_update
+from .configuration_dpsnr import DPSNRConfig
+from .kinds import NGRAM_HASH_PRIME, stripe_bounds
+from .norms import DPSNRRMSNorm
+from .reads import EAGER_READ, EntryTables, PoolRead, Retrieval
 
 PAD_ID = 0  # hashed in place of positions before the start (and padding): token ids are hashed as id + 1
 _MASK64 = (1 << 64) - 1
@@ -139,7 +141,7 @@ def ngram_windows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
                 f"the cache holds {seen} earlier tokens but the ids of {stored} (cache layer {cache_layer}): hashed "
                 "n-gram reads need the ids of earlier tokens, which this model's own forward stores in its cache."
             )
-        ids = _cache_update(cache, ids.view(B, 1, T, 1), ids.new_zeros(B, 1, T, 0), cache_layer)[0].view(B, -1)
+        ids = cache_update(cache, ids.view(B, 1, T, 1), ids.new_zeros(B, 1, T, 0), cache_layer)[0].view(B, -1)
     history = ids[:, -(T + context - 1):]  # (B, ≤ T + C − 1)
     history = nn.functional.pad(history, (T + context - 1 - history.shape[1], 0), value=PAD_ID)  # (B, T + C − 1)
     return history.unfold(1, context, 1).flip(-1).reshape(B * T, context)  # (B·T, C), the token first
@@ -193,60 +195,49 @@ class NgramHashRetriever(nn.Module):
         return self.slot_start + h % self.slot_modulus  # (n, J)
 
 
-class HashedNgramPartition(nn.Module):
-    """A pool partition read by hashed n-grams, gated by the state it is read for.
-
-    Duck-types `pool.PoolPartition` where the pool, storage and optimizers touch it: one (N, d) value
-    table `v` (`entry_tables`, sparse gradients, row gathers, memory maps), `retriever`, `num_entries`.
-    """
+class HashedNgramPartition(EntryTables):
+    """A pool partition read by hashed n-grams, gated by the state it is read for: one (N, d) value table
+    `v` whatever `pool_entry` says (kinds.HashedNgrams), read through its own projections and gate."""
 
     reads_tokens = True  # ParameterPool hands it the rows hashed up front
 
     def __init__(self, config: DPSNRConfig, name: str, num_entries: int):
-        super().__init__()
         d = config.hidden_size
-        self.name = name
-        self.num_entries = num_entries
-        self.sparse_grads = False  # execution settings, from ExecutionPlan via ParameterPool.apply_execution
-        self.row_gather = None
+        super().__init__(name, num_entries, d, config.partition_tables(name), config.pool_init_std)
         self.prefetcher = None  # set by storage.load_pool_into for a memory-mapped pool
-        self.init_std = config.pool_init_std
         self.retriever = NgramHashRetriever(config, name, num_entries)
-        self.v = nn.Parameter(torch.empty(num_entries, d))  # (N, d)
         self.slot_weight = nn.Parameter(torch.empty(self.retriever.slots))  # (J,)
         self.key_proj = nn.Linear(d, d, bias=False)  # W_k
         self.value_proj = nn.Linear(d, d, bias=False)  # W_v
-        self.state_norm = QueryNorm(d, "rms", config.rms_norm_eps)
-        self.key_norm = QueryNorm(d, "rms", config.rms_norm_eps)
+        self.state_norm = DPSNRRMSNorm(d, config.rms_norm_eps)
+        self.key_norm = DPSNRRMSNorm(d, config.rms_norm_eps)
 
-    def entry_tables(self) -> dict[str, nn.Parameter]:
-        return {"v": self.v}
-
-    def gather_rows(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """table[idx], through `ExecutionPlan.pool_row_gather` when set (as `PoolPartition.gather_rows`)."""
-        if self.row_gather is not None:
-            return self.row_gather(table, idx)
-        return nn.functional.embedding(idx, table, sparse=self.sparse_grads)
+    def attach_prefetcher(self, prefetcher) -> None:
+        """Memory-mapped tables: the rows are known from the ids, so they are asked for before any layer
+        runs (`prepare_token_reads`)."""
+        self.prefetcher = prefetcher
 
     @torch.no_grad()
     def init_weights_(self, std: float) -> None:
-        init.normal_(self.v, mean=0.0, std=self.init_std or std)
+        super().init_weights_(std)
         init.constant_(self.slot_weight, self.retriever.slots ** -0.5)  # m keeps the rows' scale
 
     def forward(
         self,
         query_input: torch.Tensor | None,  # unused: the rows come from the tokens, not from a query
         x: torch.Tensor,  # (n, d) the normalised state the read is for
-        static: bool = False,
+        read: PoolRead = EAGER_READ,
         token_mask: torch.Tensor | None = None,
-        indices: torch.Tensor | None = None,  # (n, J) rows hashed by `prepare_token_reads`
+        rows: torch.Tensor | None = None,  # (n,) which of the forward's B·T tokens these are; None: all, in order
     ) -> tuple[torch.Tensor, Retrieval]:
+        if read.token_rows is None:
+            raise ValueError(f"partition {self.name!r} is hashed_ngram: its rows come from the token ids, "
+                             "which only the model's forward (with input_ids) provides.")
+        indices = read.token_rows[self.name]  # (B·T, J), hashed by `prepare_token_reads`
         n = x.shape[0]
-        idx = indices.to(self.v.device)  # (n, J)
+        idx = (indices if rows is None else indices[rows]).to(self.v.device)  # (n, J)
         coef = self.slot_weight.expand(n, -1)  # (n, J)
-        # Rows are summed where the table lives (host memory, a memory map); only (n, d) travels back.
-        m = weighted_row_sum(self.v, idx, coef.to(self.v.device), sparse=self.sparse_grads, use_bag=not static,
-                             gather=self.gather_rows).to(x.device, x.dtype)  # (n, d)
+        m = self.row_sum(self.v, idx, coef, read).to(x.device, x.dtype)  # (n, d)
         k = self.key_norm(self.key_proj(m))  # (n, d)
         alpha = torch.sigmoid((self.state_norm(x) * k).sum(-1, keepdim=True) / math.sqrt(x.shape[-1]))  # (n, 1)
         return alpha * self.value_proj(m), Retrieval(indices=idx.unsqueeze(-1), weights=coef.unsqueeze(-1))
@@ -256,19 +247,19 @@ class NgramPreludeRead(nn.Module):
     """A hashed partition read once in the prelude, after block `ngram_prelude_layer`: h + read(norm(h)).
     Engram reads its memory early in the stack, where local patterns are cheapest to hand over."""
 
-    def __init__(self, config: DPSNRConfig, pool, norm_cls: type[nn.Module]):
+    def __init__(self, config: DPSNRConfig, pool):
         super().__init__()
         self.partition = config.ngram_prelude_partition
         self.layer = config.ngram_prelude_layer
         self.rows_per_token = config.partition_rows_per_read(self.partition)
         self.params_per_token = config.partition_params_per_read(self.partition)
-        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
-    def forward(self, hidden_states: torch.Tensor, static: bool) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, read: PoolRead) -> torch.Tensor:
         B, T, d = hidden_states.shape
         x = self.norm(hidden_states).reshape(B * T, d)  # (B·T, d)
-        return hidden_states + self.pool[0](self.partition, x, x, static=static).view(B, T, d)
+        return hidden_states + self.pool[0](self.partition, x, x, read=read).view(B, T, d)
 
 
 __all__ = ["HashedNgramPartition", "NgramHashRetriever", "NgramPreludeRead", "hash_constants", "ngram_cache_layer",

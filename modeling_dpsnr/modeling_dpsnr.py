@@ -3,6 +3,8 @@
     input_ids ─ embed ─ prelude blocks ─ h0 ─ reasoning loop (reasoning.py, pool.py) ─ h*
               ─ coda blocks ─ norm ─ lm_head (tied to embed) ─ logits
 
+Output classes and generation statistics: outputs.py; RMSNorm: norms.py; the KV cache's name: cache.py.
+
 Controller blocks follow transformers' Llama (pre-norm, RMSNorm, RoPE, SwiGLU, attention through
 the attention-function registry so eager / sdpa / flash work, KV cache through `Cache`). The loop
 sits between prelude and coda, so the coda's attention mixes retrieved knowledge across positions.
@@ -11,7 +13,6 @@ sits between prelude and coda, so the coda's attention mixes retrieved knowledge
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,118 +22,27 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
+from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
-from .execution import ExecutionPlan, is_exporting, is_tracing
+from .execution import ExecutionMixin, ExecutionPlan, is_exporting, is_tracing
 from .halting import ThresholdRouting
-from .hashed import NgramPreludeRead, ngram_cache_layer, prepare_token_reads
-from .pool import PoolPartition, ProductKeyRetriever, QueryNorm, RunningQueryNorm
-from .reasoning import ReasoningLoop, TokenStep
+from .hashed import NgramPreludeRead, ngram_cache_layer
+from .norms import DPSNRRMSNorm, RunningQueryNorm
+from .outputs import DPSNRCausalLMOutputWithPast, DPSNRModelOutputWithPast, ReasoningStatsCollector
+from .reasoning import ReasoningLoop, TokenStep, loop_token_mask
 from .storage import PoolStorageMixin
 
 
 logger = logging.get_logger(__name__)
 
 
-# ---------------------------------------------------------------------------- outputs
-# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (output fields, forward and
-# generate keywords); 5.23 uses the old name. Users who load remote code bring whatever 5.x release
-# they have, so the name is read off the library's own output class (a feature check, not a version
-# test), the outputs below inherit the field from it, and `forward` accepts both keywords.
-CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def output_cache(outputs: ModelOutput) -> Cache | None:
-    """The KV cache carried by a transformers output, under either release's field name."""
-    return outputs.get(CACHE_NAME)
-
-
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
-    return cache if cache is not None else past_key_values
-
-
-@dataclass
-class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the reasoning loop's per-token statistics."""
-
-    reasoning_steps: torch.LongTensor | None = None  # (B, T)
-    halting_probs: torch.FloatTensor | None = None  # (B, T, loop_max_steps)
-    ponder_cost: torch.FloatTensor | None = None  # (B, T)
-    active_params: torch.LongTensor | None = None  # (B, T)
-
-
-@dataclass
-class DPSNRCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the loop's statistics. `loss = lm_loss + loop_ponder_weight ·
-    ponder_loss` when labels are given; both parts are also returned on their own (as Mixtral
-    returns its router loss)."""
-
-    lm_loss: torch.FloatTensor | None = None
-    ponder_loss: torch.FloatTensor | None = None
-    reasoning_steps: torch.LongTensor | None = None
-    halting_probs: torch.FloatTensor | None = None
-    active_params: torch.LongTensor | None = None
-
-
-class ReasoningStatsCollector:
-    """Collects per-token loop statistics while `generate` runs.
-
-    Each decoding forward produces the logits of one new token; the loop that ran on its last
-    input position is what "reasoned" that token, so its steps are attributed to it. With beam
-    search the rows are beam slots at each step (not back-tracked along the final beams). The
-    tensors stay on the model's device (no host copy per decoding step), as the generated ids do.
-    """
-
-    def __init__(self, rows_read: Callable[[torch.Tensor], torch.Tensor]):
-        self.rows_read = rows_read  # steps (B, n) → pool rows read (DPSNRModel.rows_read)
-        self.prompt_steps: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-        self.active: list[torch.Tensor] = []
-
-    def record(self, steps: torch.Tensor, active: torch.Tensor) -> None:
-        if self.prompt_steps is None:
-            self.prompt_steps = steps.detach()
-        self.steps.append(steps[:, -1].detach())
-        self.active.append(active[:, -1].detach())
-
-    def summary(self) -> dict:
-        if not self.steps:
-            return {"steps": torch.zeros(0, 0, dtype=torch.long), "active_params": torch.zeros(0, 0, dtype=torch.long),
-                    "rows_read": torch.zeros(0, 0, dtype=torch.long), "prompt_steps": None,
-                    "avg_loops": float("nan"), "avg_active_params": float("nan")}
-        steps = torch.stack(self.steps, dim=1)  # (B, new_tokens)
-        active = torch.stack(self.active, dim=1)
-        return {
-            "steps": steps,
-            "active_params": active,
-            "rows_read": self.rows_read(steps),
-            "prompt_steps": self.prompt_steps,
-            "avg_loops": steps.float().mean().item(),
-            "avg_active_params": active.double().mean().item(),
-        }
-
-
-# ---------------------------------------------------------------------------- leaves
-class DPSNRRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        h = hidden_states.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
+# ---------------------------------------------------------------------------- leaves (DPSNRRMSNorm: norms.py)
 def rope_type_of(config: DPSNRConfig) -> str:
     return (config.rope_parameters or {}).get("rope_type", "default")
 
@@ -278,7 +188,7 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
         # gradient-checkpointing wrapper clears when it recomputes the block.
         attn_out, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-            _one_cache(cache, past_key_values), **kwargs
+            one_cache(cache, past_key_values), **kwargs
         )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -288,7 +198,7 @@ class DPSNRDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------- models
 # PoolStorageMixin (storage.py): the pool in its own safetensors shards, memory-mapped loading,
 # knowledge injection (write_pool_rows) and place_controller.
-class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
+class DPSNRPreTrainedModel(PoolStorageMixin, ExecutionMixin, PreTrainedModel):
     config_class = DPSNRConfig
     config: DPSNRConfig
     base_model_prefix = "model"
@@ -322,20 +232,21 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
         tables = self.base_model.loop.pool.entry_parameters()
         return pool_bytes_per_token(self.config, steps, tables[0].element_size() if tables else 4)
 
-    # ------------------------------------------------------------------ execution (not architecture)
-    @property
-    def execution(self) -> ExecutionPlan:
-        """How this model runs (loop driver, sparse pool gradients, row reads); see `set_execution`."""
-        return self.base_model._execution
+    def count_parameters(self) -> tuple[int, int]:
+        """(total, active): every parameter once (the LM head is tied to the embedding), and the
+        `active_params` of a token that runs every reasoning step: non-embedding controller and loop
+        modules, the entries of all its steps and the prelude read. Works on the meta device; the
+        presets' MEASURED counts come from here (`dpsnr presets`)."""
+        total = sum(p.numel() for p in self.parameters())  # tied weights are yielded once
+        base, c = self.base_model, self.config
+        entries = sum(c.partition_params_per_read(p) for p in c.loop_phase_schedule)
+        return total, base.active_params_base() + entries + base.prelude_reads()
 
-    def set_execution(self, **changes) -> ExecutionPlan:
-        """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
-        `pool_sparse_grads` (bool), `pool_row_gather` (callable or None). Trainers, launchers and
-        loaders call this; nothing of it is saved by `save_pretrained`. Returns the new plan."""
-        base = self.base_model
-        base._execution = base._execution.updated(**changes)
-        base.loop.pool.apply_execution(base._execution)
-        return base._execution
+    # ------------------------------------------------------------------ execution (not architecture)
+    def _execution_owner(self):
+        """The plan (`execution`, `set_execution`: execution.ExecutionMixin) lives on the base model,
+        whose forward reads it, so DPSNRForCausalLM and its DPSNRModel share one."""
+        return self.base_model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -353,8 +264,9 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
                     init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (DPSNRRMSNorm, QueryNorm)):
-            init.ones_(module.weight)
+        elif isinstance(module, (DPSNRRMSNorm, nn.LayerNorm, RunningQueryNorm)):
+            if module.weight is not None:  # LayerNorm(elementwise_affine=False) has none
+                init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
             if isinstance(module, RunningQueryNorm):
@@ -369,17 +281,6 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
                 inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
-        elif isinstance(module, ProductKeyRetriever):
-            key_std = (module.key_dim // 2) ** -0.5  # unit-RMS query half · key → unit-variance scores
-            init.normal_(module.sub_keys1, mean=0.0, std=key_std)
-            init.normal_(module.sub_keys2, mean=0.0, std=key_std)
-            if module.balance:
-                init.zeros_(module.balance_bias1)
-                init.zeros_(module.balance_bias2)
-        elif isinstance(module, PoolPartition):
-            pool_std = self.config.pool_init_std or std
-            for table in module.entry_tables().values():
-                init.normal_(table, mean=0.0, std=pool_std)
         elif isinstance(module, TokenStep):  # and BlockStep
             init.normal_(module.step_embedding, mean=0.0, std=std)
         elif isinstance(module, ThresholdRouting):
@@ -387,7 +288,7 @@ class DPSNRPreTrainedModel(PoolStorageMixin, PreTrainedModel):
             init.zeros_(module.calibrated)
             capacity = torch.tensor(self.config.loop_capacity, dtype=torch.float32)
             init.copy_(module.pass_rate, capacity[1:] / capacity[:-1])
-        elif hasattr(module, "init_weights_"):  # retrievers defined beside the pool (coordinate indexer)
+        elif hasattr(module, "init_weights_"):  # the pool's modules: entry tables, sub-keys, stripes, hash constants
             module.init_weights_(std)
 
 
@@ -399,9 +300,9 @@ class DPSNRModel(DPSNRPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DPSNRDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.loop = ReasoningLoop(config, DPSNRRMSNorm, DPSNRAttention)
+        self.loop = ReasoningLoop(config, DPSNRAttention)
         # A hashed n-gram partition read once in the prelude as well (hashed.py), if configured.
-        self.ngram_read = (NgramPreludeRead(config, self.loop.pool, DPSNRRMSNorm)
+        self.ngram_read = (NgramPreludeRead(config, self.loop.pool)
                            if config.ngram_prelude_partition is not None else None)
         self.norm = DPSNRRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DPSNRRotaryEmbedding(config)
@@ -433,7 +334,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         cache: Cache | None = None,
         **kwargs,
     ) -> DPSNRModelOutputWithPast | tuple:
-        cache = _one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         # Data-dependent checks (host syncs) run on eager inputs only: never inside a compiled or
@@ -457,11 +358,11 @@ class DPSNRModel(DPSNRPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        # Hashed n-gram partitions know their rows from the ids alone: hashed (and a memory-mapped
-        # pool asked for their pages) before any block runs; earlier ids come from the cache.
-        pool = self.loop.pool
-        if pool.reads_tokens:
-            pool.set_token_reads(prepare_token_reads(pool, input_ids, attention_mask, cache, ngram_cache_layer(self.config)))
+        # How this forward reads the pool, decided once: the loop driver's read mode, and the rows of hashed
+        # n-gram partitions, known from the ids alone, hashed (and a memory-mapped pool asked for their
+        # pages) before any block runs; earlier ids come from the cache.
+        read = self.loop.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
+                                        ngram_cache_layer(self.config))
 
         B, T = inputs_embeds.shape[:2]
         if position_ids is None:
@@ -500,26 +401,16 @@ class DPSNRModel(DPSNRPreTrainedModel):
                     all_attn.append(w)
             return h
 
-        static = self.execution.static_loop(hidden_states)
         split = num_prelude if self.ngram_read is None else self.ngram_read.layer
         hidden_states = run_blocks(hidden_states, self.layers[:split])
         if self.ngram_read is not None:
-            hidden_states = self.ngram_read(hidden_states, static)
+            hidden_states = self.ngram_read(hidden_states, read)
         hidden_states = run_blocks(hidden_states, self.layers[split:num_prelude])
-        # Tokens whose attention mask is 0 (padding) skip the loop in eager mode (and are masked in
-        # static mode). The all-ones check is a host sync, so only the eager driver (which syncs
-        # anyway) makes it.
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -T:].bool()
-            if not static and bool(token_mask.all()):
-                token_mask = None
+        token_mask = loop_token_mask(attention_mask, T, read.static)  # padding skips the loop
         loop = self.loop(
-            hidden_states, token_mask, static=static, token_embeddings=inputs_embeds,
+            hidden_states, token_mask, read, token_embeddings=inputs_embeds,
             position_embeddings=position_embeddings, attention_mask=causal_mask, cache=cache,
         )
-        if pool.reads_tokens:
-            pool.set_token_reads(None)
         hidden_states = run_blocks(loop.hidden_states, self.layers[num_prelude:])
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
@@ -633,7 +524,7 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            cache=_one_cache(cache, past_key_values),
+            cache=one_cache(cache, past_key_values),
             **kwargs,
         )
         if self._stats_collector is not None:
@@ -650,10 +541,8 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                 num_items_in_batch=num_items_in_batch, **kwargs,
             )
-            ponder_loss = self._ponder_loss(outputs.ponder_cost, labels, num_items_in_batch)
-            loss = lm_loss
-            if self.model.loop.policy.has_loss and self.config.loop_ponder_weight > 0:
-                loss = lm_loss + self.config.loop_ponder_weight * ponder_loss.to(lm_loss.dtype)
+            loss, ponder_loss = self.model.loop.losses(lm_loss, outputs.ponder_cost, labels, num_items_in_batch,
+                                                       self.config.loop_ponder_weight)
 
         output = DPSNRCausalLMOutputWithPast(
             loss=loss,
@@ -688,23 +577,6 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         if isinstance(output, ModelOutput):
             output["reasoning_stats"] = stats
         return (output, stats) if return_reasoning_stats else output
-
-    @staticmethod
-    def _ponder_loss(ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Mean ponder cost over the tokens whose next-token prediction is scored.
-
-        Those are exactly the tokens the LM loss averages over (position t predicts labels[t+1]),
-        so under gradient accumulation the same `num_items_in_batch` normalises both terms.
-        """
-        scored = torch.zeros_like(labels, dtype=torch.bool)
-        scored[:, :-1] = labels[:, 1:] != -100
-        total = (ponder_cost * scored).sum()
-        if num_items_in_batch is not None:
-            denom = num_items_in_batch
-            if torch.is_tensor(denom):
-                denom = denom.to(total.device)
-            return total / denom
-        return total / scored.sum().clamp(min=1)
 
 
 __all__ = [

@@ -1,453 +1,37 @@
-"""The parameter pool: partitions of entry vectors and the retrievers that address them.
+"""The parameter pool: its named partitions, each built by the module of its retrieval kind.
 
-Dimension letters used in shape comments:
-    n  tokens being processed (B·T flattened, or only the still-running ones)
-    d  hidden size (= entry width)
-    H  retrieval heads              k  entries per head per step (pool_topk)
-    c  query width per head (pool_key_dim), split into halves of c/2
-    N  entries in a partition       n1, n2  product sub-key table sizes (n1·n2 ≥ N)
+    product_key, exhaustive, coordinate  →  retrieval.PoolPartition over the kind's retriever (RETRIEVERS)
+    hashed_ngram                          →  hashed.HashedNgramPartition (PARTITIONS: rows from the token ids)
 
-One reasoning step on one partition:
-
-    x ─ query ─ norm ─▶ q (n,H,c) ─ split ─▶ q1, q2 (n,H,c/2)
-                               scores s1 = q1·K1ᵀ (n,H,n1),  s2 = q2·K2ᵀ (n,H,n2)
-                               top-k of each half, k² candidate sums, top-k again
-                         ─▶ idx (n,H,k), w = softmax(scores) (n,H,k)
-    read: Σ_h Σ_i w_i · act(u_i·x) · v_i     ("neuron", PEER; He 2024)
-       or Σ_h Σ_i w_i · v_i                   ("value", product-key memory; Lample et al. 2019)
-
-The weighted sum goes through `embedding_bag` with per-sample weights, so the k·H value rows
-are summed without materialising them, and the tables can emit sparse (COO) gradients. Static
-mode (XLA, compile) uses gather-multiply-sum instead: `embedding_bag` has no XLA lowering.
+kinds.py describes each kind (config checks, cost, table layout); the registries map it onto the
+module that runs it. A partition module is built as cls(config, name, num_entries), owns its (N, d)
+entry tables through `reads.EntryTables`, and is called as part(query_input, x, read, token_mask, rows)
+→ (read (n, d), Retrieval), where `read` (reads.PoolRead) is how this forward reads the pool, decided
+once by the model (`plan_read`); the pool adds usage statistics over every partition.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
-from transformers.activations import ACT2FN
 
 from .configuration_dpsnr import DPSNRConfig
-from .reads import neuron_read
+from .hashed import HashedNgramPartition, prepare_token_reads
+from .kinds import product_key_sizes, stripe_bounds
+from .norms import RunningQueryNorm
+from .reads import EAGER_READ, PoolRead, Retrieval, weighted_row_sum
+from .retrieval import CoordinateRetriever, PoolPartition, ProductKeyRetriever
 
-
-class QueryNorm(nn.Module):
-    """RMSNorm or LayerNorm over each head's query (never BatchNorm: it mixes positions)."""
-
-    def __init__(self, dim: int, kind: str, eps: float):
-        super().__init__()
-        self.kind = kind
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
-
-    def forward(self, q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "layer":
-            return F.layer_norm(q, q.shape[-1:], self.weight, self.bias, self.eps)
-        q32 = q.float()
-        q32 = q32 * torch.rsqrt(q32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * q32.to(q.dtype)
-
-
-class RunningQueryNorm(QueryNorm):
-    """Standardise each query dimension, per head, with running statistics: what BatchNorm did for
-    product-key usage (Lample et al. 2019: rows read 25.8 % → 80.3 %) without its two faults in a
-    causal model. A forward is normalised with statistics of earlier training forwards only (this
-    forward's are gathered and folded into the EMA when the next one begins, `commit`), so a token's
-    query never depends on other tokens of its batch, even when a partition is read at several
-    steps; only real tokens count (padding-independent). The very first training forward, with no
-    earlier statistics, uses its own. Evaluation uses the running statistics."""
-
-    def __init__(self, heads: int, dim: int, eps: float, momentum: float):
-        super().__init__(dim, "layer", eps)  # affine weight and bias, as BatchNorm's
-        self.kind = "running"
-        self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(heads, dim))
-        self.register_buffer("running_var", torch.ones(heads, dim))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        # this forward's sums (weight, Σq, Σq²), folded in by `commit`
-        self.register_buffer("pending", torch.zeros(3, heads, dim), persistent=False)
-
-    def forward(self, q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q32 = q.float()  # (n, H, c)
-        mean, var = self.running_mean, self.running_var
-        if self.training:
-            with torch.no_grad():
-                w = torch.ones(q.shape[0], device=q.device) if token_mask is None else token_mask.float()  # (n,)
-                qd = q32.detach()
-                self.pending[0].add_(w.sum())
-                self.pending[1].add_(torch.einsum("n,nhc->hc", w, qd))
-                self.pending[2].add_(torch.einsum("n,nhc->hc", w, qd * qd))
-                own_mean, own_var = self._moments(self.pending)
-            mean = torch.where(self.calibrated, mean, own_mean)
-            var = torch.where(self.calibrated, var, own_var)
-        q32 = (q32 - mean) * torch.rsqrt(var + self.eps)
-        return (self.weight * q32 + self.bias).to(q.dtype)
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Fold the last training forward's statistics into the running ones (tensor ops only: no
-        host sync, so it traces)."""
-        has_rows = self.pending[0, 0, 0] > 0
-        mean, var = self._moments(self.pending)
-        rate = torch.where(self.calibrated, torch.full((), self.momentum, device=mean.device),
-                           torch.ones((), device=mean.device)) * has_rows.float()
-        self.running_mean.lerp_(mean, rate)
-        self.running_var.lerp_(var, rate)
-        self.calibrated.logical_or_(has_rows)
-        self.pending.zero_()
-
-    @staticmethod
-    def _moments(pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = pending[0].clamp(min=1)
-        mean = pending[1] / total
-        return mean, (pending[2] / total - mean * mean).clamp(min=0)
-
-
-def product_key_sizes(num_entries: int) -> tuple[int, int]:
-    """Sub-key table sizes n1 ≥ n2 with n1·n2 ≥ N and n1·n2 − N < n2 (at most one partial row)."""
-    n2 = max(1, math.isqrt(num_entries))
-    n1 = -(-num_entries // n2)
-    return n1, n2
-
-
-@dataclass
-class Retrieval:
-    """Which entries a step reads, and with which weights."""
-
-    indices: torch.Tensor  # (n, H, k) int64, within the partition
-    weights: torch.Tensor  # (n, H, k) softmax over the k entries of each head
-
-
-class ProductKeyRetriever(nn.Module):
-    """Exact top-k over N entries at O(√N·c + k²) per head (Lample et al. 2019, "Large Memory
-    Layers with Product Keys"). Entry i = i1·n2 + i2 has score s1[i1] + s2[i2]; entries ≥ N do
-    not exist.
-
-    Exactness with a partial last row: candidates are the top-k rows among the full rows 0..n1−2
-    paired with the top-k columns, plus the last row paired with the top-k of its valid columns.
-    Any true top-k entry lies in that set (if a full-row entry were missing, k entries that beat
-    it would be in the set; same for the last row), so no entry is lost and none is invalid.
-
-    `exhaustive=True` scores every entry with the same keys: the O(N) reference used by tests.
-    """
-
-    def __init__(self, config: DPSNRConfig, num_entries: int, exhaustive: bool = False):
-        super().__init__()
-        self.num_entries = num_entries
-        self.heads = config.pool_heads
-        self.topk = config.pool_topk
-        self.key_dim = config.pool_key_dim
-        self.exhaustive = exhaustive
-        self.n1, self.n2 = product_key_sizes(num_entries)
-        self.last_row_valid = num_entries - (self.n1 - 1) * self.n2  # valid columns of the last row
-        half = self.key_dim // 2
-
-        self.query = nn.Linear(config.hidden_size, self.heads * self.key_dim, bias=False)
-        if config.pool_query_norm == "running":
-            self.query_norm = RunningQueryNorm(self.heads, self.key_dim, config.rms_norm_eps, config.pool_query_norm_momentum)
-        else:
-            self.query_norm = QueryNorm(self.key_dim, config.pool_query_norm, config.rms_norm_eps)
-        # Unit-norm sub-keys (the qk-norm of Memory Layers at Scale / UltraMem): no key can win
-        # every query by growing its norm; scores are √(c/2)·cos with RMS-normalised queries.
-        self.key_norm = config.pool_key_norm == "unit"
-        self.sub_keys1 = nn.Parameter(torch.empty(self.heads, self.n1, half))  # (H, n1, c/2)
-        self.sub_keys2 = nn.Parameter(torch.empty(self.heads, self.n2, half))  # (H, n2, c/2)
-        self.selection_noise = config.pool_selection_noise
-        self.balance = config.pool_balance == "bias"
-        self.balance_rate = config.pool_balance_rate
-        if self.balance:
-            # Loss-free balancing (Wang et al. 2024; DeepSeek-V3): a per-sub-key bias that only
-            # changes which entries are selected, nudged towards under-used sub-keys.
-            self.register_buffer("balance_bias1", torch.zeros(self.heads, self.n1))
-            self.register_buffer("balance_bias2", torch.zeros(self.heads, self.n2))
-
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Retrieval:
-        n = x.shape[0]
-        q = self.query_norm(self.query(x).view(n, self.heads, self.key_dim), token_mask)  # (n, H, c)
-        q1, q2 = q.chunk(2, dim=-1)  # (n, H, c/2) each
-        keys1, keys2 = self.sub_keys1, self.sub_keys2
-        if self.key_norm:
-            keys1, keys2 = F.normalize(keys1, dim=-1), F.normalize(keys2, dim=-1)
-        # Every sub-key is scored to select, but only the k chosen entries carry gradient: their scores
-        # are recomputed from the chosen sub-keys below, so backward costs O(k·c) per head instead of
-        # O(√N·c) and allocates no (n, H, n1) gradient (measured: the dominant cost at 2^20 entries).
-        with torch.no_grad():
-            s1 = torch.einsum("nhc,hmc->nhm", q1, keys1)  # (n, H, n1)
-            s2 = torch.einsum("nhc,hmc->nhm", q2, keys2)  # (n, H, n2)
-        sel1, sel2 = self._selection_scores(s1, s2)
-        if self.exhaustive:
-            idx = self._exhaustive_topk(sel1, sel2)
-        else:
-            idx = self._product_topk(sel1, sel2)  # (n, H, k)
-        # Weights use the plain scores: bias and noise only steer the selection.
-        i1, i2 = idx // self.n2, idx % self.n2
-        heads = torch.arange(self.heads, device=idx.device).view(1, -1, 1)
-        scores = (q1.unsqueeze(2) * keys1[heads, i1]).sum(-1) + (q2.unsqueeze(2) * keys2[heads, i2]).sum(-1)  # (n, H, k)
-        weights = scores.float().softmax(dim=-1).to(x.dtype)
-        if self.balance and self.training:
-            self._update_balance(i1, i2, token_mask)
-        return Retrieval(indices=idx, weights=weights)
-
-    def _selection_scores(self, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.balance:
-            s1 = s1 + self.balance_bias1
-            s2 = s2 + self.balance_bias2
-        if self.training and self.selection_noise > 0:
-            s1 = s1 + self.selection_noise * torch.randn_like(s1)
-            s2 = s2 + self.selection_noise * torch.randn_like(s2)
-        return s1, s2
-
-    def _product_topk(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-        k, n1, n2 = self.topk, self.n1, self.n2
-        if self.last_row_valid == n2:  # N = n1·n2 (e.g. 2^16 = 256²): Lample et al.'s product top-k as is
-            top1, rows = s1.topk(min(k, n1), dim=-1)  # (n, H, k)
-            top2, cols = s2.topk(min(k, n2), dim=-1)  # (n, H, k)
-            cand = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (n, H, k²)
-            cand_idx = (rows.unsqueeze(-1) * n2 + cols.unsqueeze(-2)).flatten(-2)
-            return cand_idx.gather(-1, cand.topk(k, dim=-1).indices)  # (n, H, k)
-        k1 = min(k, n1 - 1)
-        kb = min(k, n2)
-        klast = min(k, self.last_row_valid)
-        if k1 > 0:
-            top1, rows = s1[..., : n1 - 1].topk(k1, dim=-1)  # (n, H, k1) best full rows
-        else:
-            top1 = rows = s1[..., :0]
-        top_last = s1[..., n1 - 1 :]  # (n, H, 1) the last (maybe partial) row, always a candidate
-        top2, cols = s2.topk(kb, dim=-1)  # (n, H, kb)
-        top2_last, cols_last = s2[..., : self.last_row_valid].topk(klast, dim=-1)  # (n, H, klast)
-
-        full = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (n, H, k1·kb)
-        full_idx = (rows.unsqueeze(-1) * n2 + cols.unsqueeze(-2)).flatten(-2)
-        last = top_last + top2_last  # (n, H, klast)
-        last_idx = (n1 - 1) * n2 + cols_last
-        cand = torch.cat([full, last], dim=-1)
-        cand_idx = torch.cat([full_idx, last_idx], dim=-1)
-        best = cand.topk(k, dim=-1).indices
-        return cand_idx.gather(-1, best)  # (n, H, k)
-
-    def _exhaustive_topk(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-        all_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)[..., : self.num_entries]  # (n, H, N)
-        return all_scores.topk(self.topk, dim=-1).indices
-
-    @torch.no_grad()
-    def _update_balance(self, i1: torch.Tensor, i2: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        """b ← b + rate·sign(mean load − load), per head and sub-key table.
-
-        Masked tokens add 0 rather than being dropped: boolean indexing has a data-dependent shape,
-        which XLA cannot compile without a host round trip (here and in the other usage counters)."""
-        for ids, bias, size in ((i1, self.balance_bias1, self.n1), (i2, self.balance_bias2, self.n2)):
-            hits = torch.ones_like(ids, dtype=torch.float32)  # (n, H, k)
-            if token_mask is not None:
-                hits = hits * token_mask.view(-1, 1, 1)
-            load = torch.zeros(self.heads, size, device=ids.device, dtype=torch.float32)
-            heads = torch.arange(self.heads, device=ids.device).view(1, -1, 1).expand_as(ids)
-            load.index_put_((heads.reshape(-1), ids.reshape(-1)), hits.reshape(-1), accumulate=True)
-            bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
-
-
-def stripe_bounds(num_entries: int, heads: int) -> list[tuple[int, int]]:
-    """Head h's stripe of a partition: rows [⌊h·N/H⌋, ⌊(h+1)·N/H⌋); every row in exactly one stripe."""
-    edges = [h * num_entries // heads for h in range(heads + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-class CoordinateRetriever(nn.Module):
-    """The LearnedIndexer of the coordinate pool: per head, a centre μ and a width σ > 0; the step
-    reads the K contiguous rows of a window around μ, weighted by a normalised Gaussian of
-    (i − μ)/σ. Cost O(K) whatever N is, and each head's read is one contiguous slice, which suits
-    a pool that stays on disk. Gradients reach μ and σ through the weights.
-
-        x ─ indexer MLP ─▶ (n, H, 2) ─▶ p = sigmoid(·) ∈ (0, 1),  σ = min_sigma + softplus(·)
-          p ─ quantile warp (optional) ─▶ μ = p · (S_h − 1)       rows from the start of stripe h
-          window = K rows from clamp(⌊μ⌋ − K/2, 0, S_h − K),  w = softmax(−½((i − μ)/σ)²)
-
-    Head h addresses its own stripe of S_h ≈ N/H rows, so heads cannot all collapse onto one
-    region. Inside a stripe, one-dimensional addressing still tends to collapse onto a few
-    regions (DESIGN.md §3). `indexer_balance="quantile"` counters it without an auxiliary loss:
-    a running histogram of each head's p (updated in training mode) defines its CDF F, and the
-    head reads at F(p) instead of p. F is histogram equalisation (positions spread uniformly over
-    the stripe under the data distribution), monotone, so nearby queries stay nearby, and
-    piecewise linear with slope ≥ UNIFORM_FLOOR, so gradients always reach μ. It plays the role
-    the selection bias plays for product keys (loss-free balancing; Wang et al. 2024).
-    Positions are kept relative to the stripe in float32: exact rows up to 2^24 per stripe.
-    """
-
-    UNIFORM_FLOOR = 0.1  # share of uniform mass mixed into the histogram: the warp never goes flat
-
-    def __init__(self, config: DPSNRConfig, num_entries: int):
-        super().__init__()
-        self.num_entries = num_entries
-        self.heads = config.pool_heads
-        self.window = config.indexer_window
-        self.min_sigma = config.indexer_min_sigma
-        self.indexer = nn.Sequential(
-            nn.Linear(config.hidden_size, config.indexer_hidden_size),
-            nn.GELU(),
-            nn.Linear(config.indexer_hidden_size, 2 * self.heads),
-        )
-        start, size = self._stripes()
-        self.register_buffer("stripe_start", start, persistent=False)  # (H,) int64, first row of each stripe
-        self.register_buffer("stripe_size", size, persistent=False)  # (H,) float32, rows per stripe
-        self.balance = config.indexer_balance == "quantile"
-        self.bins = config.indexer_balance_bins
-        self.momentum = config.indexer_balance_momentum
-        if self.balance:
-            self.register_buffer("position_histogram", torch.full((self.heads, self.bins), 1.0 / self.bins))
-
-    def _stripes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        bounds = stripe_bounds(self.num_entries, self.heads)
-        start = torch.tensor([lo for lo, _ in bounds], dtype=torch.int64)
-        return start, torch.tensor([hi - lo for lo, hi in bounds], dtype=torch.float32)
-
-    @torch.no_grad()
-    def init_weights_(self, std: float) -> None:
-        """Called by `_init_weights` (after the indexer's Linear layers): the stripes are
-        non-persistent buffers that transformers leaves empty when loading, and the warp starts
-        as the identity. transformers' init functions skip tensors loaded from a checkpoint."""
-        start, size = self._stripes()
-        init.copy_(self.stripe_start, start)
-        init.copy_(self.stripe_size, size)
-        if self.balance:
-            init.constant_(self.position_histogram, 1.0 / self.bins)
-
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> Retrieval:
-        raw = self.indexer(x).float().view(x.shape[0], self.heads, 2)  # (n, H, 2)
-        pos = torch.sigmoid(raw[..., 0])  # (n, H) where in its stripe each head reads
-        if self.balance:
-            if self.training:
-                self._record_positions(pos.detach(), token_mask)
-            pos = self.equalise(pos)
-        mu = pos * (self.stripe_size - 1)  # (n, H) rows from the stripe start
-        sigma = self.min_sigma + F.softplus(raw[..., 1])  # (n, H)
-        start = (mu.detach().floor() - self.window // 2).clamp(min=0).minimum(self.stripe_size - self.window)  # (n, H)
-        offsets = torch.arange(self.window, device=x.device, dtype=torch.float32)  # (K,)
-        z = (start.unsqueeze(-1) + offsets - mu.unsqueeze(-1)) / sigma.unsqueeze(-1)  # (n, H, K)
-        weights = (-0.5 * z.pow(2)).softmax(dim=-1).to(x.dtype)  # normalised Gaussian over the window
-        idx = (self.stripe_start + start.long()).unsqueeze(-1) + offsets.long()  # (n, H, K) contiguous
-        return Retrieval(indices=idx, weights=weights)
-
-    def equalise(self, pos: torch.Tensor) -> torch.Tensor:
-        """p (n, H) → F_h(p): the running CDF of head h's positions, mixed with the uniform one."""
-        mass = (1 - self.UNIFORM_FLOOR) * self.position_histogram + self.UNIFORM_FLOOR / self.bins  # (H, B), sums to 1
-        cdf = F.pad(mass.cumsum(-1), (1, 0))  # (H, B+1)
-        scaled = pos.t() * self.bins  # (H, n)
-        b = scaled.detach().floor().clamp(0, self.bins - 1)
-        warped = cdf.gather(1, b.long()) + (scaled - b) * mass.gather(1, b.long())  # (H, n)
-        return warped.t().clamp(0.0, 1.0)
-
-    @torch.no_grad()
-    def _record_positions(self, pos: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        # Masked tokens count 0 (no boolean indexing: see ProductKeyRetriever._update_balance).
-        hits = torch.ones_like(pos) if token_mask is None else token_mask.view(-1, 1).expand_as(pos).float()  # (n, H)
-        b = (pos.t() * self.bins).long().clamp_(0, self.bins - 1)  # (H, n)
-        counts = torch.zeros_like(self.position_histogram).scatter_add_(1, b, hits.t().contiguous())
-        total = hits[:, 0].sum()
-        # No tokens: weight 0 leaves the histogram exactly as it was.
-        self.position_histogram.lerp_(counts / total.clamp(min=1), self.momentum * (total > 0).float())
-
-
-class PoolPartition(nn.Module):
-    """One named partition: its entry tables and its own retriever.
-
-    Tables are plain `(N, d)` parameters (`u`, `v`) so that a lazy row-wise optimizer, a
-    memory-mapped file or a row-sharded tensor can stand behind them unchanged.
-    """
-
-    def __init__(self, config: DPSNRConfig, name: str, num_entries: int):
-        super().__init__()
-        self.name = name
-        self.num_entries = num_entries
-        self.entry = config.pool_entry
-        self.sparse_grads = False  # execution settings, from ExecutionPlan via ParameterPool.apply_execution
-        self.row_gather = None
-        self.fused_reads = True
-        self.act = ACT2FN[config.pool_activation]
-        kind = config.partition_retrieval(name)
-        if kind == "coordinate":
-            self.retriever = CoordinateRetriever(config, num_entries)
-        else:
-            self.retriever = ProductKeyRetriever(config, num_entries, exhaustive=kind == "exhaustive")
-        if self.entry == "neuron":
-            self.u = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
-        self.v = nn.Parameter(torch.empty(num_entries, config.hidden_size))  # (N, d)
-
-    def entry_tables(self) -> dict[str, nn.Parameter]:
-        return {"u": self.u, "v": self.v} if self.entry == "neuron" else {"v": self.v}
-
-    def gather_rows(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """table[idx] → (*idx.shape, d). Every row read outside `embedding_bag` goes through here, so
-        training code that places the tables elsewhere (rows sharded across devices, see
-        training/distributed.py) replaces this one read (`ExecutionPlan.pool_row_gather`)."""
-        if self.row_gather is not None:
-            return self.row_gather(table, idx)
-        return F.embedding(idx, table, sparse=self.sparse_grads)
-
-    def forward(
-        self,
-        query_input: torch.Tensor,  # (n, d) what the retriever sees (normed state + step embedding)
-        x: torch.Tensor,  # (n, d) what neuron entries act on (normed state)
-        static: bool = False,
-        token_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Retrieval]:
-        r = self.retriever(query_input, token_mask)
-        n, heads, k = r.indices.shape
-        # The tables may live elsewhere than the controller (host memory, a memory map; see
-        # storage.py): rows are gathered where the tables are, only (n, ·) results travel back.
-        flat_idx = r.indices.reshape(n, heads * k).to(self.v.device)  # (n, H·k)
-        coef = r.weights.reshape(n, heads * k)  # (n, H·k)
-        if self.entry == "neuron" and self.fused_reads and not static and self.row_gather is None \
-                and self.v.device == x.device:
-            # Chunked read that never materialises the gathered rows (reads.py); the plain one below is
-            # its reference, and the static driver's (it lowers on XLA).
-            out = neuron_read(self.u, self.v, flat_idx, coef.to(x.dtype), x, self.act, self.sparse_grads)
-            return out, r
-        if self.entry == "neuron":
-            u_rows = self.gather_rows(self.u, flat_idx).to(x.device, x.dtype)  # (n, H·k, d)
-            coef = coef * self.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, H·k)
-        out = weighted_row_sum(
-            self.v, flat_idx, coef.to(self.v.device), sparse=self.sparse_grads, use_bag=not static, gather=self.gather_rows
-        )
-        return out.to(x.device, x.dtype), r  # (n, d)
-
-
-def weighted_row_sum(
-    table: torch.Tensor,
-    idx: torch.Tensor,
-    coef: torch.Tensor,
-    sparse: bool,
-    use_bag: bool,
-    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Σ_j coef[n, j] · table[idx[n, j]] → (n, d).
-
-    `embedding_bag` never materialises the (n, j, d) rows; the gather path does, and is the one
-    that lowers on XLA. Both give the same numbers. `gather(table, idx)` replaces the plain row
-    read of the gather path (`PoolPartition.gather_rows`).
-    """
-    if use_bag:
-        return F.embedding_bag(
-            idx, table, per_sample_weights=coef.to(table.dtype), mode="sum", sparse=sparse
-        )
-    rows = F.embedding(idx, table, sparse=sparse) if gather is None else gather(table, idx)  # (n, j, d)
-    return torch.einsum("njd,nj->nd", rows, coef.to(rows.dtype))
+# retrieval kind (kinds.RETRIEVAL_KINDS) → its partition module, for kinds that do not read through a
+# retriever (retrieval.RETRIEVERS, whose partitions are PoolPartitions)
+PARTITIONS: dict[str, type[nn.Module]] = {"hashed_ngram": HashedNgramPartition}
 
 
 def build_partition(config: DPSNRConfig, name: str, num_entries: int) -> nn.Module:
-    """A partition of the kind `config.partition_retrieval(name)`: hashed n-gram partitions live in
-    hashed.py (imported here, not at the top: hashed.py builds on this module)."""
-    if config.partition_retrieval(name) == "hashed_ngram":
-        from .hashed import HashedNgramPartition
-
-        return HashedNgramPartition(config, name, num_entries)
-    return PoolPartition(config, name, num_entries)
+    """The partition `name` of `num_entries` entries, of its retrieval kind."""
+    return PARTITIONS.get(config.partition_retrieval(name), PoolPartition)(config, name, num_entries)
 
 
 class ParameterPool(nn.Module):
@@ -459,32 +43,32 @@ class ParameterPool(nn.Module):
             {name: build_partition(config, name, size) for name, size in config.partition_sizes().items()}
         )
         self._usage: dict[str, dict[str, torch.Tensor]] | None = None
-        # Hashed n-gram partitions address rows by the token ids, not by the state: the model hashes
-        # them once per forward (hashed.prepare_token_reads) and hands them over here.
+        # Hashed n-gram partitions address rows by the token ids, not by the state: hashed once per
+        # forward, before any layer runs (`plan_read`).
         self.reads_tokens = any(getattr(part, "reads_tokens", False) for part in self.partitions.values())
-        self._token_reads: dict[str, torch.Tensor] | None = None
 
-    def set_token_reads(self, reads: dict[str, torch.Tensor] | None) -> None:
-        """The rows each hashed partition reads for every token of this forward: name → (B·T, J)."""
-        self._token_reads = reads
+    def plan_read(self, static: bool, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache,
+                  cache_layer: int) -> PoolRead:
+        """How this forward reads the pool: the loop driver's read mode (`static`, from the ExecutionPlan)
+        and the rows of partitions that follow from the token ids, hashed now (and, for a memory-mapped
+        pool, asked for) before any layer runs; earlier ids come from `cache` layer `cache_layer`."""
+        rows = prepare_token_reads(self, input_ids, attention_mask, cache, cache_layer) if self.reads_tokens else None
+        return PoolRead(static=static, token_rows=rows)
 
-    def __getitem__(self, name: str) -> PoolPartition:
+    def __getitem__(self, name: str) -> nn.Module:
         return self.partitions[name]
 
     def begin_forward(self) -> None:
         """Called once per model forward, before any read: running query statistics gathered by
-        the previous training forward are folded in now (see RunningQueryNorm)."""
-        for part in self.partitions.values():
-            norm = getattr(part.retriever, "query_norm", None)
-            if isinstance(norm, RunningQueryNorm):
-                norm.commit()
+        the previous training forward are folded in now (see norms.RunningQueryNorm)."""
+        for module in self.modules():
+            if isinstance(module, RunningQueryNorm):
+                module.commit()
 
     def apply_execution(self, plan) -> None:
-        """Take the pool's part of an `ExecutionPlan` (sparse gradients, row reads)."""
+        """Take the pool's part of an `ExecutionPlan` (sparse gradients, row reads, fused reads)."""
         for part in self.partitions.values():
-            part.sparse_grads = plan.pool_sparse_grads
-            part.row_gather = plan.pool_row_gather
-            part.fused_reads = plan.pool_fused_reads
+            part.apply_execution(plan)
 
     def entry_parameters(self) -> list[nn.Parameter]:
         """The (N, d) entry tables: the parameters a sparse row-wise optimizer owns."""
@@ -495,22 +79,13 @@ class ParameterPool(nn.Module):
         partition: str,
         query_input: torch.Tensor,
         x: torch.Tensor,
-        static: bool = False,
+        read: PoolRead = EAGER_READ,
         token_mask: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Read `partition` for n tokens. `rows` (n,): which of the forward's B·T tokens they are
-        (needed by hashed n-gram partitions, whose rows were hashed from the ids up front)."""
-        part = self.partitions[partition]
-        if getattr(part, "reads_tokens", False):
-            if self._token_reads is None:
-                raise ValueError(f"partition {partition!r} is hashed_ngram: its rows come from the token ids, "
-                                 "which only the model's forward (with input_ids) provides.")
-            indices = self._token_reads[partition]  # (B·T, J)
-            out, r = part(query_input, x, static=static, token_mask=token_mask,
-                          indices=indices if rows is None else indices[rows])
-        else:
-            out, r = part(query_input, x, static=static, token_mask=token_mask)
+        (hashed n-gram partitions take their rows, hashed up front, from `read.token_rows`)."""
+        out, r = self.partitions[partition](query_input, x, read=read, token_mask=token_mask, rows=rows)
         if self._usage is not None:
             self._record(partition, r, token_mask)
         return out
@@ -523,20 +98,14 @@ class ParameterPool(nn.Module):
         Yields a dict name → {"counts": (N,) int64, "mass": (N,) float32}, filled as forwards run.
         Pass the dict of an earlier call to keep accumulating into it (no new O(N) buffers).
         """
-        if usage is not None:
-            previous, self._usage = self._usage, usage
-            try:
-                yield usage
-            finally:
-                self._usage = previous
-            return
-        usage = {}
-        for name, part in self.partitions.items():
-            device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")
-            usage[name] = {
-                "counts": torch.zeros(part.num_entries, dtype=torch.int64, device=device),
-                "mass": torch.zeros(part.num_entries, dtype=torch.float32, device=device),
-            }
+        if usage is None:
+            usage = {}
+            for name, part in self.partitions.items():
+                device = part.v.device if part.v.device.type != "meta" else torch.device("cpu")
+                usage[name] = {
+                    "counts": torch.zeros(part.num_entries, dtype=torch.int64, device=device),
+                    "mass": torch.zeros(part.num_entries, dtype=torch.float32, device=device),
+                }
         previous, self._usage = self._usage, usage
         try:
             yield usage
@@ -553,3 +122,11 @@ class ParameterPool(nn.Module):
         idx = idx.reshape(-1).to(stats["counts"].device)
         stats["counts"].index_add_(0, idx, hits.reshape(-1).to(stats["counts"].device))
         stats["mass"].index_add_(0, idx, (w * hits).reshape(-1).to(stats["mass"].device))
+
+
+__all__ = [
+    "PARTITIONS", "ParameterPool", "build_partition",
+    # defined in retrieval.py, reads.py and kinds.py; importable from here as before the pool was split
+    "CoordinateRetriever", "PoolPartition", "ProductKeyRetriever", "Retrieval", "product_key_sizes", "stripe_bounds",
+    "weighted_row_sum",
+]

@@ -86,6 +86,11 @@ def pool_table_shapes(config) -> dict[str, tuple[int, int]]:
             for k in config.partition_tables(p)}
 
 
+def pool_index_fields(config) -> dict:
+    """What the index records of the config beside the tables (for people and tools reading the files)."""
+    return {"hidden_size": config.hidden_size, "pool_entry": config.pool_entry, "partitions": config.partition_sizes()}
+
+
 def pool_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return sum(r * d for r, d in pool_table_shapes(config).values()) * itemsize

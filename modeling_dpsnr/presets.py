@@ -5,7 +5,10 @@ the `tiny` architecture) and is commented with its measured size.
 token touches at the maximum number of reasoning steps: non-embedding controller parameters,
 the loop's own modules (queries, sub-keys, gate, halting head) and steps × heads × k entries.
 `tests/test_presets.py` instantiates every preset (on the meta device for the large ones) and
-checks both numbers against `MEASURED` below; `python -m modeling_dpsnr.presets` prints them.
+checks both numbers against `MEASURED` below; `dpsnr presets` measures and prints them
+(`DPSNRForCausalLM.count_parameters`).
+
+Data only: this module imports nothing of the package, so the config can read it at import time.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-# Measured by `python -m modeling_dpsnr.presets` (total, active per token at max steps).
+# Measured by `dpsnr presets` (total, active per token at max steps).
 MEASURED: dict[str, tuple[int, int]] = {
     "debug": (662_913, 109_953),  # 0.7M total, 0.11M active
     "micro": (38_382_529, 3_845_057),  # 38.4M total (33.6M pool), 3.85M active
@@ -99,27 +102,3 @@ def preset_kwargs(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
     return copy.deepcopy(PRESETS[name])
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(total, active at max steps) for a DPSNRForCausalLM; works on the meta device."""
-    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
-    base = model.model.active_params_base()
-    active = base + model.config.loop_max_steps * model.model.loop.parameters_per_step()
-    return total, active
-
-
-def build_on_meta(name: str):
-    import torch
-
-    from .configuration_dpsnr import DPSNRConfig
-    from .modeling_dpsnr import DPSNRForCausalLM
-
-    with torch.device("meta"):
-        return DPSNRForCausalLM(DPSNRConfig.from_preset(name))
-
-
-if __name__ == "__main__":
-    for preset in PRESETS:
-        total, active = count_parameters(build_on_meta(preset))
-        print(f'    "{preset}": ({total}, {active}),  # {total / 1e6:,.1f}M total, {active / 1e6:,.2f}M active')

@@ -23,6 +23,8 @@ Two drivers give the same numbers (tests say so):
 - eager: each step gathers the running tokens, runs them and emits the halted ones, so a token
   that halts after 2 steps pays for 2 steps, in prefill, decoding and training;
 - static: every token runs every step and masks decide what counts (XLA, torch.compile, export).
+The driver is chosen once per forward by the model (`PoolRead.static`, from its ExecutionPlan), and
+the same `PoolRead` reaches every pool read through the loop's `LoopContext`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cache import cache_update
 from .configuration_dpsnr import DPSNRConfig
 from .halting import Decision, HaltingPolicy, build_policy
+from .norms import DPSNRRMSNorm
 from .pool import ParameterPool
+from .reads import EAGER_READ, PoolRead
 
 
 @dataclass
@@ -47,15 +52,17 @@ class LoopOutput:
 
 @dataclass
 class LoopContext:
-    """What a block step needs beyond its rows: positions, the causal mask, the cache."""
+    """What a step needs beyond its rows, for one forward: how it reads the pool, and for a step that
+    attends (the block step) positions, the causal mask and the cache."""
 
-    batch: int
-    length: int
-    cos: torch.Tensor  # (B·T, hd)
-    sin: torch.Tensor  # (B·T, hd)
-    attention_mask: torch.Tensor | None  # as built for the controller's blocks
-    cache: object | None  # transformers Cache
-    cache_layer: int  # cache layer of step 0
+    read: PoolRead  # the read mode of this forward's driver, and rows hashed from the ids
+    batch: int = 0
+    length: int = 0
+    cos: torch.Tensor | None = None  # (B·T, hd)
+    sin: torch.Tensor | None = None  # (B·T, hd)
+    attention_mask: torch.Tensor | None = None  # as built for the controller's blocks
+    cache: object | None = None  # transformers Cache
+    cache_layer: int = 0  # cache layer of step 0
     kv: dict | None = None  # per-forward buffers of the block step
 
 
@@ -63,29 +70,29 @@ class LoopContext:
 class TokenStep(nn.Module):
     """The token-wise step: gated pool read on the token's own normalised state."""
 
-    needs_context = False
+    attends = False  # whether the step attends over the sequence (needs positions, mask, cache in its context)
 
-    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, attention_cls=None):
         super().__init__()
         d = config.hidden_size
         self.schedule = list(config.loop_phase_schedule)
-        self.norm = norm_cls(d, eps=config.rms_norm_eps)
+        self.norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps)
         self.step_embedding = nn.Parameter(torch.zeros(config.loop_max_steps, d))  # (S, d)
         # The token's own embedding keeps queries token-specific while the contextual state is
         # still collapsed (early training); see `pool_query_input` in the config.
-        self.token_norm = norm_cls(d, eps=config.rms_norm_eps) if config.pool_query_input == "state+token" else None
+        self.token_norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps) if config.pool_query_input == "state+token" else None
         self.gate = nn.Linear(d, d)
         self.pool = [pool]  # a reference, not a submodule: the loop owns the pool
 
-    def read(self, x, s, rows, token, static, token_mask):
+    def read(self, x, s, rows, token, token_mask, ctx: LoopContext):
         """Gated pool read for the rows' normalised states x (m, d)."""
         query = x + self.step_embedding[s] if token is None else x + token + self.step_embedding[s]
-        r = self.pool[0](self.schedule[s], query, x, static=static, token_mask=token_mask, rows=rows)  # (m, d)
+        r = self.pool[0](self.schedule[s], query, x, read=ctx.read, token_mask=token_mask, rows=rows)  # (m, d)
         return torch.sigmoid(self.gate(x)) * r
 
-    def forward(self, h, s, rows, token, static, token_mask, ctx=None):
-        """h (m, d) → (m, d). rows (m,) flat indices of the rows (used by the block step)."""
-        return h + self.read(self.norm(h), s, rows, token, static, token_mask)
+    def forward(self, h, s, rows, token, token_mask, ctx: LoopContext):
+        """h (m, d) → (m, d). rows (m,): the rows' flat indices among the forward's B·T tokens."""
+        return h + self.read(self.norm(h), s, rows, token, token_mask, ctx)
 
     def finish(self, h_full, stale, steps_done, ctx) -> None:
         """Called once the driver stops (the block step fills the remaining cache layers)."""
@@ -94,16 +101,16 @@ class TokenStep(nn.Module):
 class BlockStep(TokenStep):
     """A shared pre-norm block, attention + pool read as its MLP, iterated once per step."""
 
-    needs_context = True
+    attends = True
 
-    def __init__(self, config: DPSNRConfig, pool: ParameterPool, norm_cls: type[nn.Module], attention_cls=None):
-        super().__init__(config, pool, norm_cls)
+    def __init__(self, config: DPSNRConfig, pool: ParameterPool, attention_cls=None):
+        super().__init__(config, pool)
         d = config.hidden_size
-        self.attn_norm = norm_cls(d, eps=config.rms_norm_eps)
+        self.attn_norm = DPSNRRMSNorm(d, eps=config.rms_norm_eps)
         self.attn = attention_cls(config, layer_idx=config.num_hidden_layers)
         self.max_steps = config.loop_max_steps
 
-    def forward(self, h, s, rows, token, static, token_mask, ctx: LoopContext = None):
+    def forward(self, h, s, rows, token, token_mask, ctx: LoopContext):
         kv = ctx.kv
         # 1. keys / values at depth s: recompute the rows whose state changed since the last step
         #    (running or just halted); halted rows keep theirs (their deepest state).
@@ -113,7 +120,7 @@ class BlockStep(TokenStep):
         k = keys.view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, kvH, T, hd)
         v = values.view(B, T, *values.shape[1:]).transpose(1, 2)
         if ctx.cache is not None:
-            k, v = _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
+            k, v = cache_update(ctx.cache, k, v, ctx.cache_layer + s)
         # 2. queries of the processed rows only, laid out densely for the attention kernel
         x = self.attn_norm(h)  # (m, d)
         q_rows = self.attn.queries(x, ctx.cos[rows], ctx.sin[rows])  # (m, H, hd)
@@ -122,7 +129,7 @@ class BlockStep(TokenStep):
         out, _ = self.attn.attend(q, k, v, ctx.attention_mask)  # (B, T, H·hd)
         h = h + self.attn.o_proj(out.reshape(B * T, -1)[rows])
         # 3. the pool read is the block's MLP
-        return h + self.read(self.norm(h), s, rows, token, static, token_mask)
+        return h + self.read(self.norm(h), s, rows, token, token_mask, ctx)
 
     def _refresh_kv(self, kv: dict, ctx: LoopContext) -> None:
         stale = kv["stale"]  # (r,) flat rows whose state changed
@@ -149,52 +156,66 @@ class BlockStep(TokenStep):
         k = kv["k"].view(B, T, *kv["k"].shape[1:]).transpose(1, 2)
         v = kv["v"].view(B, T, *kv["v"].shape[1:]).transpose(1, 2)
         for s in range(steps_done, self.max_steps):
-            _cache_update(ctx.cache, k, v, ctx.cache_layer + s)
-
-
-def _cache_update(cache, k, v, layer: int):
-    """Append k, v to cache layer `layer`, adding dynamic layers past the controller's ones (a
-    DynamicCache built from the config has exactly num_hidden_layers)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and len(layers) <= layer:
-        if getattr(cache, "layer_class_to_replicate", None) is None:
-            from transformers.cache_utils import DynamicCache, DynamicLayer
-
-            if not isinstance(cache, DynamicCache):
-                raise ValueError(
-                    f"loop_step='block' keeps one cache layer per reasoning step; {type(cache).__name__} has a fixed "
-                    "number of layers. Use the default DynamicCache (cache_implementation='dynamic')."
-                )
-            while len(layers) <= layer:
-                layers.append(DynamicLayer())
-    return cache.update(k, v, layer)
+            cache_update(ctx.cache, k, v, ctx.cache_layer + s)
 
 
 STEP_KINDS: dict[str, type[TokenStep]] = {"token": TokenStep, "block": BlockStep}
 
 
+# ---------------------------------------------------------------------------- what the model hands the loop
+def loop_token_mask(attention_mask: torch.Tensor | None, length: int, static: bool) -> torch.Tensor | None:
+    """(B, T) bool of the tokens the loop runs (False: padding, whose attention mask is 0), or None when
+    every token runs. Padding skips the loop in the eager driver and is masked in the static one; whether
+    every token runs is a host sync, so only the eager driver (which syncs anyway) asks."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    token_mask = attention_mask[:, -length:].bool()
+    if not static and bool(token_mask.all()):
+        return None
+    return token_mask
+
+
+def ponder_loss(ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Mean ponder cost over the tokens whose next-token prediction is scored.
+
+    Those are exactly the tokens the LM loss averages over (position t predicts labels[t+1]),
+    so under gradient accumulation the same `num_items_in_batch` normalises both terms.
+    """
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != -100
+    total = (ponder_cost * scored).sum()
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(total.device)
+        return total / denom
+    return total / scored.sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------- the loop
 class ReasoningLoop(nn.Module):
-    def __init__(self, config: DPSNRConfig, norm_cls: type[nn.Module], attention_cls: type[nn.Module] | None = None):
+    def __init__(self, config: DPSNRConfig, attention_cls: type[nn.Module] | None = None):
+        """`attention_cls`: the controller's attention (modeling_dpsnr.DPSNRAttention), for the block step."""
         super().__init__()
         self.config = config
         self.max_steps = config.loop_max_steps
         self.pool = ParameterPool(config)
-        self.step = STEP_KINDS[config.loop_step](config, self.pool, norm_cls, attention_cls)
+        self.step = STEP_KINDS[config.loop_step](config, self.pool, attention_cls)
         self.policy: HaltingPolicy = build_policy(config)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None,
-        static: bool,
+        read: PoolRead = EAGER_READ,
         token_embeddings: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
     ) -> LoopOutput:
         """hidden_states, token_embeddings (B, T, d); token_mask (B, T) bool, False for padding (or
-        None); position_embeddings (cos, sin) (B, T, hd), attention_mask and cache: for the block step."""
+        None); read: how this forward reads the pool (its `static` picks the driver); position_embeddings
+        (cos, sin) (B, T, hd), attention_mask and cache: for a step that attends (the block step)."""
         B, T, d = hidden_states.shape
         self.pool.begin_forward()
         h = hidden_states.reshape(B * T, d)
@@ -204,13 +225,13 @@ class ReasoningLoop(nn.Module):
             if token_embeddings is None:
                 raise ValueError("pool_query_input='state+token' needs the token embeddings of the input.")
             token = self.step.token_norm(token_embeddings.reshape(B * T, d))  # (B·T, d)
-        ctx = None
-        if self.step.needs_context:
+        ctx = LoopContext(read)
+        if self.step.attends:
             cos, sin = position_embeddings
             cos = cos.expand(B, T, -1).reshape(B * T, -1)
             sin = sin.expand(B, T, -1).reshape(B * T, -1)
-            ctx = LoopContext(B, T, cos, sin, attention_mask, cache, self.config.num_hidden_layers)
-        hidden, steps, probs, ponder = (self._static if static else self._eager)(h, mask, token, ctx)
+            ctx = LoopContext(read, B, T, cos, sin, attention_mask, cache, self.config.num_hidden_layers)
+        hidden, steps, probs, ponder = (self._static if read.static else self._eager)(h, mask, token, ctx)
         return LoopOutput(
             hidden_states=hidden.view(B, T, d),
             steps=steps.view(B, T),
@@ -219,7 +240,7 @@ class ReasoningLoop(nn.Module):
         )
 
     # ------------------------------------------------------------------ eager: running tokens only
-    def _eager(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx):
+    def _eager(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx: LoopContext):
         n, d = h0.shape
         S = self.max_steps
         device = h0.device
@@ -229,8 +250,8 @@ class ReasoningLoop(nn.Module):
         tok = token if token is None or mask is None else token[running]  # (m, d)
         acc = torch.zeros_like(h)  # (m, d) Σ w_s h_s so far (policies that weigh their steps)
         state = policy.start(h.shape[0], h)
-        full = h0  # (n, d) every token's deepest state (block step: the keys' source)
-        if ctx is not None:
+        full = h0  # (n, d) every token's deepest state (a step that attends: the keys' source)
+        if step.attends:
             ctx.kv = {"k": None, "v": None, "state": full, "stale": torch.arange(n, device=device)}
         done_idx, done_out, done_cost, done_steps = [], [], [], []
         prob_idx, prob_step, prob_val = [], [], []
@@ -239,7 +260,7 @@ class ReasoningLoop(nn.Module):
             if running.numel() == 0:
                 break
             steps_done = s + 1
-            h_new = policy.scale_update(s, h, step(h, s, running, tok, False, None, ctx), state)
+            h_new = policy.scale_update(s, h, step(h, s, running, tok, None, ctx), state)
             dec, state = policy.decide(s, h_new, state)
             if dec.weight is not None:
                 acc = acc + dec.weight.unsqueeze(-1).to(h_new.dtype) * h_new
@@ -248,7 +269,7 @@ class ReasoningLoop(nn.Module):
             prob_step.append(torch.full_like(running, s))
             prob_val.append(dec.prob)
             halts = dec.halts
-            if ctx is not None:
+            if step.attends:
                 full = full.index_copy(0, running, h_new)
                 ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
             if not bool(halts.any()):  # nobody halts: no gather, no scatter (and none in backward)
@@ -263,7 +284,7 @@ class ReasoningLoop(nn.Module):
             acc = acc[keep] if dec.weight is not None else acc
             state = {k: v[keep] for k, v in state.items()}
             tok = None if tok is None else tok[keep]
-        if ctx is not None:
+        if step.attends:
             step.finish(full, ctx.kv["stale"], steps_done, ctx)
 
         hidden = h0 if mask is not None else h0.new_zeros(n, d)  # padding keeps its state (index_copy is out of place)
@@ -279,7 +300,7 @@ class ReasoningLoop(nn.Module):
         return hidden, steps, probs, ponder
 
     # ------------------------------------------------------------------ static: all tokens, masks
-    def _static(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx):
+    def _static(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx: LoopContext):
         n, d = h0.shape
         S = self.max_steps
         policy, step = self.policy, self.step
@@ -291,10 +312,10 @@ class ReasoningLoop(nn.Module):
         steps = torch.zeros(n, dtype=torch.long, device=h0.device)
         ponder = h0.new_zeros(n, dtype=torch.float32)
         probs = []
-        if ctx is not None:
+        if step.attends:
             ctx.kv = {"k": None, "v": None, "state": h0, "stale": rows}
         for s in range(S):
-            h_new = policy.scale_update(s, h, step(h, s, rows, token, True, running, ctx), state)
+            h_new = policy.scale_update(s, h, step(h, s, rows, token, running, ctx), state)
             dec, new_state = policy.decide(s, h_new, state, valid=running)
             halts = running & dec.halts
             if dec.weight is not None:
@@ -309,17 +330,23 @@ class ReasoningLoop(nn.Module):
             state = {k: torch.where(running, new_state[k], v) for k, v in state.items()}
             h = torch.where(running.unsqueeze(-1), h_new, h)
             running = running & ~halts
-            if ctx is not None:
+            if step.attends:
                 ctx.kv["state"], ctx.kv["stale"] = h, rows
         hidden = acc if mask is None else torch.where(mask.unsqueeze(-1), acc, h0)
         return hidden, steps, torch.stack(probs, dim=-1), ponder
 
-    # ------------------------------------------------------------------ cost model
-    def parameters_per_step(self) -> int:
-        """Pool parameters read per token at the first step: heads × reads per head × parameters per
-        entry (the same at every step unless partitions mix retrieval kinds; see `entries_read`)."""
-        return self.config.partition_params_per_read(self.config.loop_phase_schedule[0])
+    def losses(self, lm_loss: torch.Tensor, ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
+               ponder_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, ponder_loss): `lm_loss + ponder_weight · ponder_loss` when the halting policy's cost is a
+        loss term (ACT), else `lm_loss`; the ponder loss is returned on its own either way (as Mixtral
+        returns its router loss). `ponder_weight` is read by the caller from the config it trains, which
+        the trainer's ponder warm-up changes."""
+        ponder = ponder_loss(ponder_cost, labels, num_items_in_batch)
+        if self.policy.has_loss and ponder_weight > 0:
+            return lm_loss + ponder_weight * ponder.to(lm_loss.dtype), ponder
+        return lm_loss, ponder
 
+    # ------------------------------------------------------------------ cost model
     def entries_read(self, steps: torch.Tensor, unit: str = "params") -> torch.Tensor:
         """Entry parameters (`unit="params"`) or pool rows (`"rows"`) a token reads in its first
         `steps` steps; steps may read partitions of different kinds (`pool_partition_retrieval`)."""

@@ -28,20 +28,15 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 
+from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .configuration_retrofit import DPSNRRetrofitConfig
-from .execution import ExecutionPlan
-from .hashed import ngram_cache_layer, prepare_token_reads
-from .modeling_dpsnr import (
-    CACHE_NAME,
-    DPSNRCausalLMOutputWithPast,
-    DPSNRForCausalLM,
-    DPSNRPreTrainedModel,
-    DPSNRRMSNorm,
-    _one_cache,
-    output_cache,
-)
-from .reasoning import LoopOutput, ReasoningLoop
+from .execution import ExecutionMixin, ExecutionPlan
+from .hashed import ngram_cache_layer
+from .modeling_dpsnr import DPSNRPreTrainedModel
+from .outputs import DPSNRCausalLMOutputWithPast
+from .reads import PoolRead
+from .reasoning import LoopOutput, ReasoningLoop, loop_token_mask
 from .storage import PoolStorageMixin
 
 MEMORY_KWARG = "dpsnr_memory"  # the keyword the memory's inputs travel under, down to the decoder layers
@@ -51,10 +46,9 @@ MEMORY_KWARG = "dpsnr_memory"  # the keyword the memory's inputs travel under, d
 class MemoryInputs:
     """What the memory reads besides the hidden states, for one forward."""
 
-    token_reads: dict[str, torch.Tensor] | None  # hashed partition → (B·T, J) rows
+    read: PoolRead  # how this forward reads the pool: the loop driver's read mode, rows hashed from the ids
     token_embeddings: torch.Tensor  # (B, T, d) for pool_query_input="state+token"
     token_mask: torch.Tensor | None  # (B, T) bool, False for padding
-    static: bool  # the loop's static driver (XLA, compile) or the eager one
     loop: LoopOutput | None = None  # filled by the memory: steps, halting, ponder cost
 
 
@@ -72,15 +66,14 @@ class RetrofitMemory(nn.Module):
     def __init__(self, config: DPSNRConfig):
         super().__init__()
         self.config = config
-        self.loop = ReasoningLoop(config, DPSNRRMSNorm)
+        self.loop = ReasoningLoop(config)
         # ReZero (Bachlechner et al. 2020): zero at first, so the read changes nothing until trained,
         # while its gradient, (loop(h) − h), is not zero.
         self.gate = nn.Parameter(torch.zeros(config.hidden_size))  # (d,)
         self.cache_layer = ngram_cache_layer(config)  # the cache layer holding the token ids
 
     def forward(self, hidden_states: torch.Tensor, inputs: MemoryInputs) -> torch.Tensor:
-        self.loop.pool.set_token_reads(inputs.token_reads)
-        out = self.loop(hidden_states, inputs.token_mask, static=inputs.static, token_embeddings=inputs.token_embeddings)
+        out = self.loop(hidden_states, inputs.token_mask, inputs.read, token_embeddings=inputs.token_embeddings)
         inputs.loop = out
         return hidden_states + self.gate.to(hidden_states.dtype) * (out.hidden_states - hidden_states)  # (B, T, d)
 
@@ -102,7 +95,7 @@ class _PoolConfigView:
         self.config = config
 
 
-class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixin):
+class DPSNRRetrofitForCausalLM(PoolStorageMixin, ExecutionMixin, PreTrainedModel, GenerationMixin):
     """A pretrained causal LM (`language_model`) with a DPSN-R memory (`memory`) after one of its layers.
 
     Build one with `add_memory(model, ...)`; save and load it as any transformers model (the pool in its
@@ -151,17 +144,6 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value):
         self.language_model.set_output_embeddings(value)
 
-    # ------------------------------------------------------------------ execution (as DPSNRPreTrainedModel)
-    @property
-    def execution(self) -> ExecutionPlan:
-        return self._execution
-
-    def set_execution(self, **changes) -> ExecutionPlan:
-        """`loop_mode`, `pool_sparse_grads`, `pool_row_gather` of the memory (see execution.py)."""
-        self._execution = self._execution.updated(**changes)
-        self.pool.apply_execution(self._execution)
-        return self._execution
-
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters `add_memory` adds (and leaves trainable)."""
         return list(self.memory.parameters())
@@ -187,38 +169,30 @@ class DPSNRRetrofitForCausalLM(PoolStorageMixin, PreTrainedModel, GenerationMixi
         cache: Cache | None = None,
         **kwargs,
     ) -> DPSNRCausalLMOutputWithPast:
-        cache = _one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         text_config = self.config.text_config
         use_cache = use_cache if use_cache is not None else (getattr(text_config, "use_cache", True) and not self.training)
         if use_cache and cache is None:  # made here: the hashed read keeps the ids in it
             cache = DynamicCache(config=text_config)
-        # Hashed rows are known from the ids alone: hashed, and asked for, before any layer runs.
-        reads = None
-        if self.pool.reads_tokens:
-            reads = prepare_token_reads(self.pool, input_ids, attention_mask, cache, self.memory.cache_layer)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        static = self.execution.static_loop(inputs_embeds)
-        T = inputs_embeds.shape[1]
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -T:].bool()
-            if not static and bool(token_mask.all()):
-                token_mask = None
-        inputs = MemoryInputs(reads, inputs_embeds, token_mask, static)
+        # How this forward reads the pool, decided once; hashed rows are known from the ids alone: hashed,
+        # and asked for, before any layer runs.
+        read = self.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
+                                   self.memory.cache_layer)
+        token_mask = loop_token_mask(attention_mask, inputs_embeds.shape[1], read.static)  # padding skips the loop
+        inputs = MemoryInputs(read, inputs_embeds, token_mask)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
             use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_NAME: cache, MEMORY_KWARG: inputs}, **kwargs,
         )
         loss = lm_loss = ponder_loss = None
         if labels is not None and inputs.loop is not None:
-            lm_loss = loss = outputs.loss
-            ponder_loss = DPSNRForCausalLM._ponder_loss(inputs.loop.ponder_cost, labels, kwargs.get("num_items_in_batch"))
-            weight = self.memory.config.loop_ponder_weight
-            if self.memory.loop.policy.has_loss and weight > 0:
-                loss = lm_loss + weight * ponder_loss.to(lm_loss.dtype)
+            lm_loss = outputs.loss
+            loss, ponder_loss = self.memory.loop.losses(lm_loss, inputs.loop.ponder_cost, labels,
+                                                        kwargs.get("num_items_in_batch"), self.memory.config.loop_ponder_weight)
         return DPSNRCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, ponder_loss=ponder_loss, logits=outputs.logits,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,

@@ -29,6 +29,7 @@ from .pool_files import (
     check_pool,
     map_tables,
     parse_size,
+    pool_index_fields,
     pool_table_shapes,
     read_header,
     resolve_pool,
@@ -89,8 +90,7 @@ def save_pool(model: nn.Module, directory: str | os.PathLike, tables: dict[str, 
     dtype = dtype or next(iter(tables.values())).dtype
     return write_pool_files(
         directory, shapes, dtype, lambda name, a, b: tables[name][a:b], parse_size(max_shard_size),
-        extra={"hidden_size": config.hidden_size, "pool_entry": config.pool_entry,
-               "partitions": config.partition_sizes()},
+        extra=pool_index_fields(config),
     )
 
 
@@ -113,11 +113,7 @@ def load_pool_into(model: nn.Module, path, mmap_pool: bool = False, verify: bool
             param._is_hf_initialized = True  # transformers' init functions skip it
             setattr(model.pool.partitions[part_name], kind, param)
         for part in model.pool.partitions.values() if prefetch else ():
-            prefetcher = Prefetcher(list(part.entry_tables().values()))
-            if getattr(part, "reads_tokens", False):  # hashed n-gram rows are known up front: asked for before any layer
-                part.prefetcher = prefetcher
-            else:
-                part.retriever.register_forward_hook(prefetcher)
+            part.attach_prefetcher(Prefetcher(list(part.entry_tables().values())))  # each kind knows when its rows are
         model._pool_source = PoolSource(pool.directory, True, {k: t.data_ptr() for k, t in model_pool_tables(model).items()})
         return True
     with torch.no_grad():
@@ -245,7 +241,7 @@ def map_offloaded_pool(model: nn.Module, path, verify: bool, prefetch: bool, **h
     step, and the index does not even know the pool files. Instead, the partitions' accelerate hooks
     (their only direct tensors are the tables) are removed and the tables are memory-mapped read-only
     from the pool files in host memory, as `pool_mmap=True` does; each read gathers its rows there
-    (PoolPartition.forward). The retrievers and the rest of the controller stay with accelerate.
+    (reads.EntryTables). The retrievers and the rest of the controller stay with accelerate.
     """
     from accelerate.hooks import remove_hook_from_module  # installed whenever transformers dispatched a map
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_dpsnr import DPSNRForCausalLM
-from modeling_dpsnr.pool import CoordinateRetriever, PoolPartition, stripe_bounds
+from modeling_dpsnr.kinds import stripe_bounds
+from modeling_dpsnr.retrieval import CoordinateRetriever, PoolPartition
 
 from conftest import tiny_config, tiny_model
 

@@ -146,6 +146,7 @@ def _check_row_sharded_pool(rank: int, **overrides) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     from modeling_dpsnr import DPSNRForCausalLM
+    from modeling_dpsnr.reads import PoolRead
     from dpsnr.training.distributed import shard_pool_rows
 
     def full(t):
@@ -160,8 +161,8 @@ def _check_row_sharded_pool(rank: int, **overrides) -> dict:
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
     x = torch.randn(12, ref.config.hidden_size, generator=torch.Generator().manual_seed(2))
-    read_ref, r_ref = ref.pool["knowledge"](x, x, static=True)
-    read, r = model.pool["knowledge"](x, x, static=True)
+    read_ref, r_ref = ref.pool["knowledge"](x, x, PoolRead(static=True))
+    read, r = model.pool["knowledge"](x, x, PoolRead(static=True))
     a, b = ref(ids, labels=ids), model(ids, labels=ids)
     a.loss.backward()
     b.loss.backward()

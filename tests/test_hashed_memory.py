@@ -17,7 +17,7 @@ from modeling_dpsnr import DPSNRForCausalLM
 from modeling_dpsnr.hashed import hash_constants, ngram_windows, slot_moduli
 from modeling_dpsnr.hashed import is_prime
 
-from conftest import tiny_config, tiny_model
+from conftest import assert_causal, assert_drivers_agree, greedy_without_cache, tiny_config, tiny_model
 
 V = 97
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +69,7 @@ def test_rows_are_causal_and_depend_only_on_the_last_n_tokens():
 
 
 def test_changing_token_t_leaves_earlier_logits_unchanged():
-    model = _model(**MIXED).eval()
-    ids = torch.randint(0, V, (2, 10))
-    base = model(ids).logits
-    for t in (0, 4, 9):
-        changed = ids.clone()
-        changed[:, t] = (changed[:, t] + 1) % V
-        out = model(changed).logits
-        torch.testing.assert_close(out[:, :t], base[:, :t])
-        assert not torch.allclose(out[:, t:], base[:, t:])
+    assert_causal(_model(**MIXED).eval(), torch.randint(0, V, (2, 10)), (0, 4, 9), V)
 
 
 def test_every_slot_reads_inside_its_own_prime_sized_stripe():
@@ -149,18 +141,8 @@ def test_eager_and_static_agree_including_gradients(loop_step):
     ids = torch.randint(0, V, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    outs = [m.train()(ids, attention_mask=mask, labels=ids) for m in (eager, static)]
+    outs = assert_drivers_agree(eager, static, ids, mask)
     assert len(outs[0].reasoning_steps[mask.bool()].unique()) > 1, "test needs tokens halting at different steps"
-    for key in ("reasoning_steps", "halting_probs", "active_params"):
-        torch.testing.assert_close(outs[0][key], outs[1][key])
-    keep = mask.bool()
-    torch.testing.assert_close(outs[0].logits[keep], outs[1].logits[keep], atol=1e-5, rtol=1e-4)
-    for o in outs:
-        o.loss.backward()
-    for (name, pe), (_, ps) in zip(eager.named_parameters(), static.named_parameters()):
-        ge = pe.grad if pe.grad is not None else torch.zeros_like(pe)
-        gs = ps.grad if ps.grad is not None else torch.zeros_like(ps)
-        torch.testing.assert_close(ge, gs, atol=1e-5, rtol=1e-4, msg=name)
     assert eager.pool["grammar"].v.grad.abs().sum() > 0
 
 
@@ -271,12 +253,7 @@ def test_cached_greedy_generate_equals_uncached_argmax(loop_step):
     mask[1, :2] = 0  # a left-padded row
     out, stats = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                                 return_reasoning_stats=True)
-    manual, manual_mask = ids, mask
-    for _ in range(6):
-        logits = model(manual, attention_mask=manual_mask, use_cache=False).logits[:, -1]
-        manual = torch.cat([manual, logits.argmax(-1, keepdim=True)], 1)
-        manual_mask = torch.cat([manual_mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out, manual)
+    assert torch.equal(out, greedy_without_cache(model, ids, 6, mask))
     # rows read: 6 per product-key step (2 heads × 3), 4 per hashed read (2 orders × 2 heads), + the prelude read
     per_step = torch.tensor([0, 6, 12, 18, 22])  # schedule knowledge, reasoning, reasoning, grammar
     assert torch.equal(stats["rows_read"], per_step[stats["steps"]] + 4)

@@ -46,11 +46,11 @@ def test_the_namespace_binds_the_checkout_folders_once():
 
 # ---------------------------------------------------------------------------- layering
 # model ← data ← training ← experiments ← cli: a module imports only from its own layer or below.
-# Longest prefix wins. dpsnr.scripting (argument parsing) and dpsnr.pool_tool (pool files) need
-# nothing but the model, so they sit right above it.
+# Longest prefix wins. dpsnr.scripting (argument parsing), dpsnr.pool_tool (pool files) and
+# dpsnr.preset_counts need nothing but the model, so they sit right above it.
 LAYERS = {
     "modeling_dpsnr": 0,
-    "dpsnr": 1, "dpsnr.scripting": 1, "dpsnr.pool_tool": 1,
+    "dpsnr": 1, "dpsnr.scripting": 1, "dpsnr.pool_tool": 1, "dpsnr.preset_counts": 1,
     "dpsnr.training.data": 2, "dpsnr.training.tokenizer": 2,
     "dpsnr.training": 3,
     "dpsnr.eval": 4, "dpsnr.hub": 4,
@@ -120,9 +120,8 @@ def test_no_import_points_up_the_layers_or_at_an_old_name():
 KNOWN_CIRCLES = {frozenset({"dpsnr.eval.study", "dpsnr.eval.study_report"})}
 
 
-def test_no_import_circle():
-    """Among dpsnr's modules, counting imports inside functions too (a lazy import still couples)."""
-    modules = {k: v for k, v in _modules().items() if k.split(".")[0] == "dpsnr"}
+def _circles(modules: dict[str, Path]) -> list[str]:
+    """Import circles among `modules`, counting imports inside functions too (a lazy import still couples)."""
     graph = {name: {t for t, _, _ in _imports(name, path, set(modules)) if t in modules and t != name}
              for name, path in modules.items()}
     state, circles = {}, []
@@ -143,4 +142,38 @@ def test_no_import_circle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+    return circles
+
+
+@pytest.mark.parametrize("package", ["dpsnr", "modeling_dpsnr"])
+def test_no_import_circle(package):
+    """Within each package, counting imports inside functions too (a lazy import still couples)."""
+    circles = _circles({k: v for k, v in _modules().items() if k.split(".")[0] == package})
     assert not circles, "\n".join(circles)
+
+
+# ---------------------------------------------------------------------------- remote code
+REMOTE_CODE_LIBRARIES = {"torch", "transformers", "safetensors"}
+
+
+def test_remote_code_imports_only_what_a_flat_copy_can_resolve():
+    """modeling_dpsnr/ is copied flat next to config.json: at module level its files import the standard
+    library, torch, transformers and safetensors, and each other by `from .module import name` (the one
+    form transformers follows when it copies the files a checkpoint needs)."""
+    import ast
+
+    problems = []
+    for path in sorted((ROOT / "modeling_dpsnr").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                if node.level != 1 or not node.module:
+                    problems.append(f"{path.name}:{node.lineno}: use `from .module import name`")
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                top = name.split(".")[0]
+                if top != "__future__" and top not in sys.stdlib_module_names and top not in REMOTE_CODE_LIBRARIES:
+                    problems.append(f"{path.name}:{node.lineno}: imports {name} at module level")
+    assert not problems, "\n".join(problems)

@@ -12,21 +12,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from modeling_dpsnr import DPSNRForCausalLM
 
-from conftest import tiny_model
+from conftest import assert_causal, tiny_model
 
 V = 97
 
 
 def test_changing_token_t_leaves_earlier_logits_unchanged():
-    model = tiny_model().eval()
-    ids = torch.randint(0, V, (2, 12))
-    base = model(ids).logits
-    for t in (0, 5, 11):
-        changed = ids.clone()
-        changed[:, t] = (changed[:, t] + 1) % V
-        out = model(changed).logits
-        torch.testing.assert_close(out[:, :t], base[:, :t])
-        assert not torch.allclose(out[:, t:], base[:, t:])
+    assert_causal(tiny_model().eval(), torch.randint(0, V, (2, 12)), (0, 5, 11), V)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -219,7 +211,7 @@ def test_remote_code_loads_in_a_process_where_the_package_is_not_importable(tmp_
 def test_the_cache_keyword_of_every_5x_release_is_accepted_and_returned():
     """5.24 renamed `past_key_values` to `cache`; a forward that ignored either name would decode
     without its cache. Both keywords give the same logits and hand the same cache back."""
-    from modeling_dpsnr.modeling_dpsnr import CACHE_NAME, output_cache
+    from modeling_dpsnr.cache import CACHE_NAME, output_cache
 
     model = tiny_model().eval()
     ids = torch.randint(0, V, (2, 7))

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_dpsnr.pool import PoolPartition, ProductKeyRetriever, product_key_sizes, weighted_row_sum
+from modeling_dpsnr.kinds import product_key_sizes
+from modeling_dpsnr.reads import weighted_row_sum
+from modeling_dpsnr.retrieval import ExhaustiveRetriever, PoolPartition, ProductKeyRetriever
 
 from conftest import tiny_config, tiny_model
 
@@ -12,7 +14,7 @@ from conftest import tiny_config, tiny_model
 def _retriever(num_entries, exhaustive=False, seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_config(pool_size=max(num_entries, 10), pool_partitions={"p": 1.0}, **overrides)
-    r = ProductKeyRetriever(cfg, num_entries, exhaustive=exhaustive)
+    r = (ExhaustiveRetriever if exhaustive else ProductKeyRetriever)(cfg, num_entries)
     torch.nn.init.normal_(r.sub_keys1)
     torch.nn.init.normal_(r.sub_keys2)
     torch.nn.init.normal_(r.query.weight, std=0.3)

@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr.presets import MEASURED, PRESETS, build_on_meta, count_parameters
+from dpsnr.preset_counts import measure
+from modeling_dpsnr.presets import MEASURED, PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_counts_match_the_preset_file(name):
-    model = build_on_meta(name)
     assert name in MEASURED, f"presets.py has no measured counts for {name!r}"
-    assert count_parameters(model) == MEASURED[name]
+    assert measure(name) == MEASURED[name], "re-measure with `dpsnr presets`"
 
 
 def test_tiny_is_141m_within_two_percent_and_reports_active_parameters():
-    total, active = count_parameters(build_on_meta("tiny"))
+    total, active = measure("tiny")
     assert abs(total - 141e6) / 141e6 < 0.02
     assert 10e6 < active < 20e6  # design: ≈15M; the preset file states the measured figure
 
@@ -33,5 +33,5 @@ def test_debug_preset_runs_on_cpu():
     out = model(ids, labels=ids)
     assert torch.isfinite(out.loss)
     # active parameters reported per token equal the cost model of the preset file
-    _, active_max = count_parameters(model)
+    _, active_max = model.count_parameters()
     assert int(out.active_params.max()) <= active_max

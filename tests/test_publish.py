@@ -24,7 +24,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from modeling_dpsnr import DPSNRForCausalLM
-from modeling_dpsnr.presets import MEASURED, count_parameters
+from modeling_dpsnr.presets import MEASURED
 from modeling_dpsnr.pool_files import PoolStorageError
 from dpsnr.eval import generate
 from dpsnr.hub import publish
@@ -163,7 +163,7 @@ def test_card_metadata_validates_and_its_eval_entries_are_the_eval_json(publishe
 
 def test_card_states_measured_counts_and_the_training_record(published):
     text = (published["out"] / "README.md").read_text()
-    total, active = count_parameters(published["model"])
+    total, active = published["model"].count_parameters()
     assert f"{total:,}" in text and f"{active:,}" in text
     assert "`vocab_size=50257`" in text  # the override of the debug preset is stated
     assert "1,234" in text and "567,890" in text  # train_summary.json, as recorded

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from modeling_dpsnr import DPSNRRetrofitConfig, DPSNRRetrofitForCausalLM, add_memory
 
+from conftest import greedy_without_cache
+
 V = 97
 POOL = dict(pool_size=300, pool_heads=2, pool_topk=3, pool_key_dim=16, ngram_heads=2)
 
@@ -99,12 +101,7 @@ def test_cached_greedy_generate_equals_uncached_argmax():
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    manual, manual_mask = ids, mask
-    for _ in range(6):
-        logits = model(manual, attention_mask=manual_mask, use_cache=False).logits[:, -1]
-        manual = torch.cat([manual, logits.argmax(-1, keepdim=True)], 1)
-        manual_mask = torch.cat([manual_mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out, manual)
+    assert torch.equal(out, greedy_without_cache(model, ids, 6, mask))
     beams = dict(max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, use_cache=True, **beams), model.generate(ids, use_cache=False, **beams))
 

@@ -118,7 +118,7 @@ def test_memory_map_pages_in_only_the_rows_read(tmp_path):
 def test_prefetch_asks_for_exactly_the_pages_of_the_rows_about_to_be_read():
     import mmap
 
-    from modeling_dpsnr.pool import Retrieval
+    from modeling_dpsnr.reads import Retrieval
 
     table = torch.zeros(10_000, 64)  # 256-byte rows
     prefetch = pool_files.Prefetcher([table])
@@ -346,7 +346,7 @@ def test_pool_tool_initialises_a_checkpoint_and_grows_it(tmp_path):
 
 
 def storage_stripes(part):
-    from modeling_dpsnr.pool import stripe_bounds
+    from modeling_dpsnr.kinds import stripe_bounds
 
     return stripe_bounds(part.num_entries, part.retriever.heads)
 

@@ -54,11 +54,10 @@ def test_dpsnr_trainer_uses_sparse_pool_updates_and_logs_reasoning_metrics(tmp_p
     # record every row any forward reads, to check untouched rows stay bit-identical
     original = model.pool.forward
 
-    def recording(partition, query_input, x, **kw):
-        out, r = model.pool.partitions[partition](query_input, x, static=kw.get("static", False),
-                                                   token_mask=kw.get("token_mask"))
+    def recording(partition, query_input, x, *args, **kw):
+        out, r = model.pool.partitions[partition](query_input, x, *args, **kw)
         read[partition][r.indices.flatten()] = True
-        return original(partition, query_input, x, **kw)
+        return original(partition, query_input, x, *args, **kw)
 
     model.pool.forward = recording
     result = trainer.train()

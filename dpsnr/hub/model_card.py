@@ -30,7 +30,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
-from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS, count_parameters
+from modeling_dpsnr.presets import MEASURED, POOL_STORAGE, PRESETS
 from modeling_dpsnr.pool_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, pool_bytes, pool_table_shapes
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
@@ -104,12 +104,12 @@ def measured_counts(config: DPSNRConfig, preset: str) -> dict[str, int]:
     presets.py is stale and the card refuses to repeat either figure."""
     with torch.device("meta"):
         model = DPSNRForCausalLM(config)
-    total, active = count_parameters(model)
+    total, active = model.count_parameters()
     pool = sum(p.numel() for p in model.pool.entry_parameters())
     embedding = model.model.embed_tokens.weight.numel()
     if preset in MEASURED and not preset_overrides(config, preset) and MEASURED[preset] != (total, active):
         raise RuntimeError(f"presets.MEASURED[{preset!r}] = {MEASURED[preset]} but the preset counts {(total, active)}: "
-                           "re-measure with `python -m modeling_dpsnr.presets`.")
+                           "re-measure with `dpsnr presets`.")
     return {"total": total, "active": active, "pool": pool, "embedding": embedding}
 
 
@@ -182,17 +182,8 @@ def _bytes(n: int) -> str:
 
 def architecture_lines(config: DPSNRConfig) -> list[str]:
     c = config
-    entry = "PEER single-neuron experts, each a key u and a value v contributing act(u·x)·v" if c.pool_entry == "neuron" \
-        else "value vectors v"
-    if c.pool_retrieval == "product_key":
-        retrieval = (f"product keys (Lample et al. 2019): per head two sub-key tables of about √N rows; exact top-{c.pool_topk} "
-                     f"of N at O(√N) cost per head, with softmax weights over the {c.pool_topk}")
-    elif c.pool_retrieval == "coordinate":
-        retrieval = (f"coordinate windows: a learned indexer (MLP {c.hidden_size}→{c.indexer_hidden_size}) predicts a centre "
-                     f"and a width per head; the head reads {c.indexer_window} contiguous rows, Gaussian-weighted, so the "
-                     "cost of a read does not depend on N and it is one contiguous slice on disk")
-    else:
-        retrieval = "exhaustive scoring of every entry (the reference path)"
+    entry = c.entry_kind.description  # each kind's own words (modeling_dpsnr/kinds.py)
+    retrieval = c.retrieval_kind.describe(c)
     sizes = c.partition_sizes()
     parts = ", ".join(f"{name} {sizes[name]:,}" for name in sorted(sizes, key=lambda n: -sizes[n]))
     return [
@@ -297,10 +288,7 @@ def build_card(inputs: CardInputs) -> ModelCard:
     overrides = preset_overrides(config, inputs.preset) if inputs.preset in PRESETS else {}
     counts = measured_counts(config, inputs.preset)
     trained = inputs.has_weights and inputs.train_summary is not None
-    tags = list(text["tags"]) + (["product-key-memory"] if config.pool_retrieval == "product_key" else
-                                 ["coordinate-retrieval"] if config.pool_retrieval == "coordinate" else [])
-    if config.pool_entry == "neuron":
-        tags.append("peer")
+    tags = list(text["tags"]) + list(config.retrieval_kind.hub_tags) + list(config.entry_kind.hub_tags)
     results = eval_results(inputs.eval_records)
     model_name = inputs.repo_id.split("/")[-1]
     card_data = ModelCardData(

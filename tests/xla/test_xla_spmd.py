@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     xr.use_spmd()
     from modeling_dpsnr import DPSNRForCausalLM
+    from modeling_dpsnr.reads import PoolRead
     from dpsnr.training.distributed import shard_pool_rows
 
     n = xr.global_runtime_device_count()
@@ -50,9 +51,9 @@ SCRIPT = textwrap.dedent("""
 
     # retrieval of one partition on the same inputs
     x = torch.randn(16, ref.config.hidden_size, generator=torch.Generator().manual_seed(2))
-    _, r_ref = ref.pool["knowledge"](x, x, static=True)
-    out, r = model.pool["knowledge"](x.to(dev), x.to(dev), static=True)
-    out_ref, _ = ref.pool["knowledge"](x, x, static=True)
+    _, r_ref = ref.pool["knowledge"](x, x, PoolRead(static=True))
+    out, r = model.pool["knowledge"](x.to(dev), x.to(dev), PoolRead(static=True))
+    out_ref, _ = ref.pool["knowledge"](x, x, PoolRead(static=True))
     xm.mark_step()
 
     grads = {}
