@@ -28,12 +28,17 @@ class ExecutionPlan:
         rows (reads.py; eager driver, tables beside the controller); False: the plain read, its reference.
     pool_row_gather: `f(table, idx) -> table[idx]` replacing the plain row read (row-sharded tables,
         see training/distributed.py); None reads rows with `F.embedding`.
+    loop_static_capacity: with a halting policy that routes a known share of tokens into each step
+        ("threshold", `loop_capacity`), the static driver gathers ⌈slack · share · rows⌉ rows per step
+        instead of running every row masked, so a compiled or XLA loop saves compute too; tokens beyond
+        that bound halt where they are (none do while the slack covers the routing). None: every row.
     """
 
     loop_mode: str = "auto"
     pool_sparse_grads: bool = False
     pool_fused_reads: bool = True
     pool_row_gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    loop_static_capacity: float | None = None
 
     def __post_init__(self):
         if self.loop_mode not in LOOP_MODES:
@@ -43,6 +48,9 @@ class ExecutionPlan:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.pool_row_gather is not None and not callable(self.pool_row_gather):
             raise ValueError(f"pool_row_gather must be callable or None, got {self.pool_row_gather!r}.")
+        slack = self.loop_static_capacity
+        if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 1.0):
+            raise ValueError(f"loop_static_capacity must be a slack factor ≥ 1 or None, got {slack!r}.")
 
     def updated(self, **changes) -> "ExecutionPlan":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
@@ -103,6 +111,9 @@ class ExecutionMixin:
         owner = self._execution_owner()
         owner._execution = owner._execution.updated(**changes)
         self.pool.apply_execution(owner._execution)
+        loop = getattr(owner, "loop", None) or getattr(getattr(owner, "memory", None), "loop", None)
+        if loop is not None:
+            loop.static_capacity = owner._execution.loop_static_capacity
         return owner._execution
 
 

@@ -106,6 +106,7 @@ class FixedSteps(HaltingPolicy):
 class ThresholdRouting(HaltingPolicy):
     def __init__(self, config: DPSNRConfig):
         super().__init__(config)
+        self.capacity = list(config.loop_capacity)  # share of tokens reaching each step (static driver's bound)
         capacity = torch.tensor(config.loop_capacity, dtype=torch.float32)  # (S,) share of tokens reaching step s
         # P(continue into step s+1 | ran step s), for s = 0 .. S-2
         self.register_buffer("pass_rate", capacity[1:] / capacity[:-1], persistent=False)

@@ -29,6 +29,8 @@ the same `PoolRead` reaches every pool read through the loop's `LoopContext`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +204,7 @@ class ReasoningLoop(nn.Module):
         self.pool = ParameterPool(config)
         self.step = STEP_KINDS[config.loop_step](config, self.pool, attention_cls)
         self.policy: HaltingPolicy = build_policy(config)
+        self.static_capacity: float | None = None  # ExecutionPlan.loop_static_capacity
 
     def forward(
         self,
@@ -301,11 +304,15 @@ class ReasoningLoop(nn.Module):
 
     # ------------------------------------------------------------------ static: all tokens, masks
     def _static(self, h0: torch.Tensor, mask: torch.Tensor | None, token: torch.Tensor | None, ctx: LoopContext):
+        """Fixed shapes only. Every row runs every step with masks, or, with a capacity bound
+        (`ExecutionPlan.loop_static_capacity` and a policy that states its shares), each step gathers
+        the rows it may run: a fixed number, running rows first (the capacity-bounded gather)."""
         n, d = h0.shape
         S = self.max_steps
         policy, step = self.policy, self.step
         rows = torch.arange(n, device=h0.device)
         running = torch.ones(n, dtype=torch.bool, device=h0.device) if mask is None else mask.clone()
+        bounds = self._static_bounds(n)
         h = h0
         acc = torch.zeros_like(h0)
         state = policy.start(n, h0)
@@ -315,25 +322,46 @@ class ReasoningLoop(nn.Module):
         if step.attends:
             ctx.kv = {"k": None, "v": None, "state": h0, "stale": rows}
         for s in range(S):
-            h_new = policy.scale_update(s, h, step(h, s, rows, token, running, ctx), state)
-            dec, new_state = policy.decide(s, h_new, state, valid=running)
-            halts = running & dec.halts
-            if dec.weight is not None:
-                weight = torch.where(running, dec.weight, torch.zeros_like(dec.weight))
-                acc = acc + weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            if bounds is None or bounds[s] >= n:
+                sel, run = rows, running
             else:
-                acc = torch.where(halts.unsqueeze(-1), h_new, acc)
+                # the bound's rows, running ones first; running rows beyond it halt here (overflow)
+                sel = running.to(torch.int8).topk(bounds[s], sorted=False).indices  # (K,)
+                run = running[sel]
+                overflow = running.clone()
+                overflow[sel] = False
+                acc = torch.where(overflow.unsqueeze(-1), h, acc)
+                running = running & ~overflow
+            h_sel = h[sel]
+            state_sel = {k: v[sel] for k, v in state.items()}
+            tok = None if token is None else token[sel]
+            h_new = policy.scale_update(s, h_sel, step(h_sel, s, sel, tok, run, ctx), state_sel)
+            dec, new_state = policy.decide(s, h_new, state_sel, valid=run)
+            halts = run & dec.halts
+            if dec.weight is not None:
+                weight = torch.where(run, dec.weight, torch.zeros_like(dec.weight))
+                out = acc[sel] + weight.unsqueeze(-1).to(h_new.dtype) * h_new
+            else:
+                out = torch.where(halts.unsqueeze(-1), h_new, acc[sel])
+            acc = acc.index_copy(0, sel, out)
             if dec.cost is not None:
-                ponder = torch.where(halts, dec.cost, ponder)
-            steps = steps + running.long()
-            probs.append(torch.where(running, dec.prob, torch.zeros_like(dec.prob)))
-            state = {k: torch.where(running, new_state[k], v) for k, v in state.items()}
-            h = torch.where(running.unsqueeze(-1), h_new, h)
-            running = running & ~halts
+                ponder = ponder.index_copy(0, sel, torch.where(halts, dec.cost, ponder[sel]))
+            steps = steps.index_copy(0, sel, steps[sel] + run.long())
+            probs.append(torch.zeros_like(ponder).index_copy(0, sel, torch.where(run, dec.prob, torch.zeros_like(dec.prob))))
+            state = {k: v.index_copy(0, sel, torch.where(run, new_state[k], state_sel[k])) for k, v in state.items()}
+            h = h.index_copy(0, sel, torch.where(run.unsqueeze(-1), h_new, h_sel))
+            running = running.index_copy(0, sel, run & ~halts)
             if step.attends:
-                ctx.kv["state"], ctx.kv["stale"] = h, rows
+                ctx.kv["state"], ctx.kv["stale"] = h, sel
         hidden = acc if mask is None else torch.where(mask.unsqueeze(-1), acc, h0)
         return hidden, steps, torch.stack(probs, dim=-1), ponder
+
+    def _static_bounds(self, rows: int) -> list[int] | None:
+        """Rows the static driver gathers at each step, or None (every row, masked)."""
+        capacity = getattr(self.policy, "capacity", None)
+        if self.static_capacity is None or capacity is None:
+            return None
+        return [min(rows, math.ceil(self.static_capacity * share * rows)) for share in capacity]
 
     def losses(self, lm_loss: torch.Tensor, ponder_cost: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
                ponder_weight: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,9 +59,12 @@ def _assert_same(got, expected, mask):
     assert torch.equal(steps, expected[1])
 
 
-@pytest.mark.parametrize("loop", [{}, {"loop_step": "block", "loop_halting": "threshold"}], ids=["token-act", "block-threshold"])
-def test_exported_program_equals_eager_with_and_without_left_padding(loop):
+@pytest.mark.parametrize("loop, capacity", [({}, None), ({"loop_step": "block", "loop_halting": "threshold"}, None),
+                                            ({"loop_step": "block", "loop_halting": "threshold"}, 1.5)],
+                         ids=["token-act", "block-threshold", "block-threshold-capacity-bounded"])
+def test_exported_program_equals_eager_with_and_without_left_padding(loop, capacity):
     model = _model(**loop)
+    model.set_execution(loop_static_capacity=capacity)  # the static driver gathers a bounded number of rows
     wrapped = LogitsAndSteps(model)
     ids, _ = _padded_batch()
     batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=32)

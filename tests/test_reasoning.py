@@ -1,6 +1,8 @@
 """The reasoning loop: ACT arithmetic as Graves (2016) states it, every halting policy and step kind
 eager == static, compute follows halting, the block step is causal and decodes from its cache."""
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -277,3 +279,42 @@ def test_cost_model_grows_with_steps_only_through_the_loop_and_counts_a_dense_bl
     assert block_macs(d, 4, 2, hd, i, 10) == d * d * 2 + d * 2 * hd * 2 + 2 * 4 * hd * 10 + 3 * d * i
     assert model.estimate_flops(steps=2, context=10, training=True) == 3 * 2 * forward_macs(c, 2, 10)["total"]
     assert model.estimate_pool_bytes(steps=2) == 2 * model.estimate_pool_bytes(steps=1)
+
+
+# ---------------------------------------------------------------------------- capacity-bounded static driver
+@pytest.mark.parametrize("step_kind", STEPS)
+def test_capacity_bounded_static_driver_equals_eager_when_the_bound_covers_the_routing(step_kind, monkeypatch):
+    eager = _varied_halting_model(loop_mode="eager", loop_halting="threshold", loop_step=step_kind)
+    static = _varied_halting_model(loop_mode="static", loop_halting="threshold", loop_step=step_kind)
+    static.set_execution(loop_static_capacity=2.0)
+    static.load_state_dict(eager.state_dict())
+    rows_read = []
+    original = static.model.loop.pool.forward
+    monkeypatch.setattr(static.model.loop.pool, "forward", lambda p, q, x, **kw: rows_read.append(q.shape[0]) or original(p, q, x, **kw))
+    ids = torch.randint(0, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for mode in ("train", "eval"):
+        rows_read.clear()
+        outs = [m.train(mode == "train")(ids, attention_mask=mask, labels=ids) for m in (eager, static)]
+        keep = mask.bool()
+        assert torch.equal(outs[0].reasoning_steps, outs[1].reasoning_steps)
+        torch.testing.assert_close(outs[0].logits[keep], outs[1].logits[keep], atol=1e-5, rtol=1e-4)
+        n = ids.numel()
+        cap = static.config.loop_capacity
+        assert rows_read == [min(n, math.ceil(2.0 * c * n)) for c in cap]  # fixed sizes, below n after step 1
+        assert rows_read[-1] < n
+
+
+def test_capacity_bounded_static_driver_halts_the_overflow_and_stays_within_its_bound():
+    model = _varied_halting_model(loop_mode="static", loop_halting="threshold", loop_capacity=[1.0, 0.5, 0.25, 0.25]).eval()
+    with torch.no_grad():
+        model.model.loop.policy.thresholds.fill_(-100.0)  # every token wants every step
+    model.set_execution(loop_static_capacity=1.0)
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(ids)
+    reached = [(out.reasoning_steps >= s + 1).sum().item() for s in range(4)]
+    assert reached == [16, 8, 4, 4]
+    assert torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="loop_static_capacity"):
+        model.set_execution(loop_static_capacity=0.5)
