@@ -44,14 +44,13 @@ from modeling_dpsnr.storage import materialize_meta
 
 def load_config(spec: str, overrides: dict | None = None) -> DPSNRConfig:
     """A preset name, a config.json, or a checkpoint directory; `overrides` set fields (validated)."""
-    path = Path(spec)
-    if path.exists():
-        base = DPSNRConfig.from_pretrained(str(path)).to_dict()
-    else:
-        base = DPSNRConfig.from_preset(spec).to_dict()
-    base.update(overrides or {})
-    if overrides and "loop_max_steps" in overrides:
-        base.pop("loop_phase_schedule", None)
+    overrides = dict(overrides or {})
+    if not Path(spec).exists():
+        return DPSNRConfig.from_preset(spec, **overrides)
+    base = DPSNRConfig.from_pretrained(spec).to_dict()
+    base.update(overrides)
+    if ("loop_max_steps" in overrides or "pool_partitions" in overrides) and "loop_phase_schedule" not in overrides:
+        base.pop("loop_phase_schedule", None)  # the saved schedule belongs to the old steps/partitions
     return DPSNRConfig.from_dict(base)
 
 

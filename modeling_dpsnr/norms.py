@@ -71,7 +71,8 @@ class RunningQueryNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(heads, dim))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         # this forward's sums (weight, Σq, Σq²), folded in by `commit`
-        self.register_buffer("pending", torch.zeros(3, heads, dim), persistent=False)
+        # persistent: a checkpoint taken between two forwards must carry them, or a resumed run diverges
+        self.register_buffer("pending", torch.zeros(3, heads, dim))
 
     def forward(self, q: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         q32 = q.float()  # (n, H, c)

@@ -330,7 +330,8 @@ def test_push_to_hub_uploads_the_pool_files_too(tmp_path, monkeypatch):
 def test_pool_tool_initialises_a_checkpoint_and_grows_it(tmp_path):
     from dpsnr.pool_tool import grow_checkpoint, init_checkpoint, load_config
 
-    config = load_config("debug", {"pool_retrieval": "coordinate", "pool_entry": "value", "indexer_window": 8})
+    config = load_config("debug", {"pool_retrieval": "coordinate", "pool_entry": "value", "indexer_window": 8,
+                                   "pool_partitions": {"knowledge": 0.7, "reasoning": 0.2, "grammar": 0.1}})
     index = init_checkpoint(config, tmp_path / "a", torch.bfloat16, max_shard_size=200_000)
     assert len(index["files"]) > 1  # knowledge.v (367 KB) was cut into pieces
     a = DPSNRForCausalLM.from_pretrained(tmp_path / "a", pool_mmap=True, pool_verify=True)
