@@ -188,6 +188,22 @@ def section_study(results: Path, page: Path) -> list[str]:
     png = results / "study_ppl_vs_flops.png"
     if png.exists():
         lines += [f"![perplexity vs FLOPs]({_rel(png, page)})", ""]
+    scaling = _load(results / "study_pool_scaling.json") or {}
+    if scaling:
+        lines += ["### Pool scaling at flat compute (F, main-job budget)", ""]
+        for ds, pts in sorted(scaling.items()):
+            lines += [f"{ds}: " + "; ".join(
+                f"{p['pool_entries']:,} entries → ppl {p['heldout_perplexity']:.2f}, rows read "
+                f"{100 * (p['frac_rows_read'] or 0):.1f} %, train {p['train_tokens_per_second']:.0f} tok/s" for p in pts), ""]
+        png = results / "study_pool_scaling.png"
+        if png.exists():
+            lines += [f"![pool scaling]({_rel(png, page)})", ""]
+    legend = [r for r in rows if r["overrides"]]
+    if legend:
+        lines += ["Variants (config fields each sets; `block-threshold-shared-qrun-keynorm` is F, the presets' "
+                  "default; `dense-N` is a transformers Llama of the controller's width with N layers):", ""]
+        lines += [f"- `{v}`: `{json.dumps(o, sort_keys=True)}`"
+                  for v, o in sorted({r["variant"]: r["overrides"] for r in legend}.items())] + [""]
     return lines
 
 

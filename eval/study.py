@@ -61,7 +61,14 @@ DATASETS = {
     "wikitext2": dict(bpe="wikitext-2/train.txt", train="wikitext-2/train.txt", validation="wikitext-2/valid.txt", extra=[]),
 }
 
-# variant → (kind, micro config overrides or dense layers). micro: token step, ACT, 4 steps.
+# The base every DPSN-R variant starts from: the micro preset with the first design's loop and pool
+# (token step, ACT, three partitions 70/20/10, RMS query norm, raw keys), as when the study began.
+# The presets have since adopted F (block step, threshold routing, one shared pool, running query
+# norm, unit keys); pinning the base keeps a variant's name meaning what its records measured.
+FIRST_DESIGN = dict(loop_step="token", loop_halting="act", pool_query_norm="rms", pool_key_norm="none",
+                    pool_partitions={"knowledge": 0.7, "reasoning": 0.2, "grammar": 0.1})
+
+# variant → (kind, config overrides on FIRST_DESIGN, or dense layers).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "token-act": ("dpsnr", {}),
     "token-fixed1": ("dpsnr", dict(loop_max_steps=1, loop_halting="fixed")),
@@ -150,7 +157,7 @@ def build_model(spec: RunSpec, tokenizer):
 
     kind, overrides = VARIANTS.get(spec.variant, ("dpsnr", {}))
     special = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-    cfg = DPSNRConfig.from_preset("micro", **special, **({} if kind == "dense" else {**overrides, **spec.overrides}))
+    cfg = DPSNRConfig.from_preset("micro", **special, **({} if kind == "dense" else {**FIRST_DESIGN, **overrides, **spec.overrides}))
     if kind == "dpsnr":
         return kind, cfg, DPSNRForCausalLM(cfg)
     layers = overrides["num_hidden_layers"]

@@ -79,7 +79,7 @@ def markdown(rows: list[dict]) -> str:
                   "| variant | held-out ppl | seeds | lr (ppl per lr) | mean steps | step histogram | GFLOPs/token (train) | train tok/s | decode tok/s | rows read % per partition | rows with 90 % of mass % |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
-            name = r["variant"] + (f" {r['overrides']}" if r["overrides"] else "")
+            name = r["variant"]
             usage = r["pool_usage"]
             read = " / ".join(f"{100 * u['frac_rows_read']:.1f}" for u in usage.values()) if usage else "–"
             mass = " / ".join("–" if u.get("frac_rows_mass_90") is None else f"{100 * u['frac_rows_mass_90']:.1f}"
@@ -90,7 +90,54 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['step_histogram'] or '–'} | {r['flops_per_token_train'] / 1e9:.4f} | {r['train_tokens_per_second']:.0f} | "
                 f"{r['decode_tokens_per_second']:.0f} | {read} | {mass} |")
         lines.append("")
+    variants = {r["variant"]: r["overrides"] for r in rows if r["overrides"]}
+    lines += ["## Variants", "", f"`{DEFAULT_VARIANT}` is F, the presets' default. Config fields each variant sets "
+              "(the others: the micro preset's; `dense-N`: a transformers Llama of the controller's width with N layers):", ""]
+    lines += [f"- `{v}`: `{json.dumps(o, sort_keys=True)}`" for v, o in sorted(variants.items())] + [""]
     return "\n".join(lines)
+
+
+# The presets' default loop and pool (F) and its pool-scaling rows: same heads, k, steps, controller.
+DEFAULT_VARIANT = "block-threshold-shared-qrun-keynorm"
+POOL_SCALING = {DEFAULT_VARIANT: 65_536, "F-pool-x4": 262_144, "F-pool-x16": 1_048_576}
+
+
+def pool_scaling(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per dataset, the default's rows at the main-job budget ordered by pool size (seed 42 lr 3e-3 rows
+    and their seeds, as aggregated)."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    base_tokens = min((r["tokens"] for r in rows), default=0)
+    for r in rows:
+        if r["variant"] in POOL_SCALING and r["tokens"] == base_tokens:
+            usage = next(iter(r["pool_usage"].values()), {})
+            out[r["dataset"]].append({"pool_entries": POOL_SCALING[r["variant"]], "variant": r["variant"],
+                                      "heldout_perplexity": r["heldout_perplexity"],
+                                      "train_tokens_per_second": r["train_tokens_per_second"],
+                                      "frac_rows_read": usage.get("frac_rows_read")})
+    return {ds: sorted(v, key=lambda x: x["pool_entries"]) for ds, v in out.items()}
+
+
+def plot_pool_scaling(scaling: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ds, pts in sorted(scaling.items()):
+        x = [p["pool_entries"] for p in pts]
+        axes[0].plot(x, [p["heldout_perplexity"] for p in pts], "o-", label=ds)
+        axes[1].plot(x, [100 * (p["frac_rows_read"] or 0) for p in pts], "o-", label=ds)
+        axes[2].plot(x, [p["train_tokens_per_second"] / pts[0]["train_tokens_per_second"] for p in pts], "o-", label=ds)
+    for ax, label in zip(axes, ["held-out perplexity", "pool rows read on held-out text (%)",
+                                "train tokens/s relative to x1 (shared CPU: rough)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("pool entries (same heads, k, steps, controller)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Pool scaling at flat compute, main-job budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -120,9 +167,13 @@ def main(grid: str | None = None) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "study.json").write_text(json.dumps(rows, indent=1))
     (OUT / "study.md").write_text(markdown(rows))
+    scaling = pool_scaling(rows)
+    (OUT / "study_pool_scaling.json").write_text(json.dumps(scaling, indent=1))
     if rows:
         plot(rows, OUT / "study_ppl_vs_flops.png")
-    summary = {"rows": len(rows), "records": sum(len(r["records"]) for r in rows), "markdown": str(OUT / "study.md")}
+    if any(len(v) > 1 for v in scaling.values()):
+        plot_pool_scaling(scaling, OUT / "study_pool_scaling.png")
+    summary = {"rows": len(rows), "pool_scaling": scaling, "records": sum(len(r["records"]) for r in rows), "markdown": str(OUT / "study.md")}
     print(json.dumps(summary))
     return summary
 

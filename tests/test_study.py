@@ -1,0 +1,83 @@
+"""The loop/pool study's bookkeeping: grid expansion, what a variant name builds, and how records
+become the report's rows (best learning rate, seeds averaged). No training here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpsnr.eval.study import FIRST_DESIGN, RunSpec, build_model, load_grid
+from dpsnr.eval.study_report import DEFAULT_VARIANT, aggregate, markdown, pool_scaling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Tok:
+    eos_token_id = bos_token_id = pad_token_id = 0
+
+
+def test_the_repository_grid_expands_to_uniquely_named_valid_runs():
+    specs = load_grid(ROOT / "configuration" / "studies" / "loop_pool.yaml")
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)) > 20
+    assert "tinystories.block-fixed4.lr0.003.716k.s42" in names
+    assert all(s.tokens % (256 * 8) == 0 for s in specs)
+
+
+def test_list_fields_expand_to_their_product_and_duplicates_are_refused(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("defaults: {tokens: 2048}\nruns:\n  - {variant: [block-fixed1, dense-4], dataset: [tinystories, wikitext2], lr: [1.0e-3, 3.0e-3]}\n")
+    assert len(load_grid(grid)) == 8
+    grid.write_text("runs:\n  - {variant: dense-4, dataset: tinystories}\n  - {variant: dense-4, dataset: tinystories}\n")
+    with pytest.raises(ValueError, match="named twice"):
+        load_grid(grid)
+
+
+def test_bad_specs_are_rejected_by_name():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        RunSpec("c4", "dense-4")
+    with pytest.raises(ValueError, match="unknown variant"):
+        RunSpec("tinystories", "block-fixed9")
+    with pytest.raises(ValueError, match="multiple of"):
+        RunSpec("tinystories", "dense-4", tokens=1000)
+
+
+def test_a_variant_name_builds_the_first_design_whatever_the_presets_default():
+    _, cfg, _ = build_model(RunSpec("tinystories", "block-fixed4"), _Tok())
+    assert (cfg.loop_step, cfg.loop_halting, cfg.loop_max_steps) == ("block", "fixed", 4)
+    assert cfg.pool_partitions == FIRST_DESIGN["pool_partitions"]
+    assert (cfg.pool_query_norm, cfg.pool_key_norm) == ("rms", "none")
+    # a run's overrides win over the base
+    _, cfg, _ = build_model(RunSpec("tinystories", "F", overrides={"pool_partitions": {"shared": 1.0}, "loop_halting": "threshold"}), _Tok())
+    assert cfg.pool_partitions == {"shared": 1.0} and cfg.loop_phase_schedule == ["shared"] * 4
+    kind, dense_cfg, model = build_model(RunSpec("tinystories", "dense-6"), _Tok())
+    assert kind == "dense" and dense_cfg.num_hidden_layers == 6 and type(model).__name__ == "LlamaForCausalLM"
+
+
+def _record(variant, lr, seed, ppl, tokens=716800, dataset="tinystories", overrides=None, read=0.5, tps=100.0):
+    metrics = dict(heldout_perplexity=ppl, heldout_loss=0.0, mean_steps=2.0, step_histogram=[1, 1],
+                   train_tokens_per_second=tps, decode_tokens_per_second=tps, flops_per_token_train=3e7,
+                   flops_per_token_forward=1e7, total_params=1, active_params=1,
+                   pool_usage={"shared": {"frac_rows_read": read, "frac_rows_mass_90": 0.1}})
+    spec = dict(dataset=dataset, variant=variant, lr=lr, seed=seed, tokens=tokens, overrides=overrides or {},
+                name=f"{dataset}.{variant}.lr{lr:g}.s{seed}")
+    return dict(spec=spec, metrics=metrics, kind="dpsnr", provenance=dict(commit="abc"))
+
+
+def test_rows_take_the_best_rate_and_average_its_seeds():
+    rows = aggregate([_record("v", 1e-3, 42, 40.0), _record("v", 3e-3, 42, 30.0), _record("v", 3e-3, 7, 32.0),
+                      _record("v", 3e-3, 42, 50.0, tokens=2 * 716800)])
+    assert len(rows) == 2  # one per budget
+    row = next(r for r in rows if r["tokens"] == 716800)
+    assert row["best_lr"] == 3e-3 and row["heldout_perplexity"] == pytest.approx(31.0)
+    assert sorted(row["ppl_by_seed"]) == [30.0, 32.0] and row["lrs"] == {"0.001": 40.0, "0.003": 31.0}
+    assert "| v | 31.00 |" in markdown(rows)
+
+
+def test_pool_scaling_orders_the_default_and_its_larger_pools():
+    recs = [_record("F-pool-x16", 3e-3, 42, 33.0, read=0.1), _record(DEFAULT_VARIANT, 3e-3, 42, 35.0, read=0.5),
+            _record("F-pool-x4", 3e-3, 42, 34.0, read=0.3), _record("F-pool-x4", 3e-3, 42, 20.0, tokens=2 * 716800)]
+    scaling = pool_scaling(aggregate(recs))["tinystories"]
+    assert [p["pool_entries"] for p in scaling] == [65_536, 262_144, 1_048_576]
+    assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0]
