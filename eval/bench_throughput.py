@@ -7,7 +7,9 @@ Metric, per model, in one process (so machine load hits every model alike):
 - decode tokens/s: greedy `generate`, batch 1, KV cache, --new-tokens after a --prompt-len prompt,
   prefill included, after a warm-up generation;
 - FLOPs per token from the cost model (modeling_dpsnr/cost.py; the dense twin's blocks counted with
-  the same arithmetic) at the loop's measured mean steps, and achieved GFLOP/s = FLOPs/token × tokens/s.
+  the same arithmetic) at the loop's measured mean steps, and achieved GFLOP/s = FLOPs/token × tokens/s;
+- when the halting policy is adaptive, the same model with every step run (`loop_halting="fixed"`):
+  the measured speed-up of halting against the cost model's (`*_time_follows_steps`, 1.0 = exact).
 Models are measured in alternation (A B A B ...) --repeats times and the median reported, so a
 slow spell of a shared machine does not land on one model only. Ratios are what to read.
 
@@ -77,7 +79,8 @@ class Bench:
         else:
             self.opts = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
         self.train_steps_measured: list[float] = []
-        self.mean_steps = None
+        self.mean_steps = None  # training forward's mean loop steps
+        self.decode_mean_steps = None
 
     def train_step(self) -> None:
         out = self.model(self.batch, labels=self.batch)
@@ -107,10 +110,21 @@ class Bench:
         self.sync()
         return n / (time.perf_counter() - start)
 
+    @torch.no_grad()
+    def measure_decode_steps(self) -> None:
+        """Mean loop steps of the generated tokens (untimed; the halting policy's inference rule)."""
+        if self.dpsnr:
+            self.model.eval()
+            n = self.args.new_tokens
+            _, stats = self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                           return_reasoning_stats=True)
+            self.decode_mean_steps = float(stats["avg_loops"])
+
     def flops_per_token(self, training: bool) -> float:
         context = (self.args.block + 1) / 2
         if self.dpsnr:
-            return self.model.estimate_flops(steps=self.mean_steps, context=context, training=training)
+            steps = self.mean_steps if training else self.decode_mean_steps
+            return self.model.estimate_flops(steps=steps, context=context, training=training)
         return dense_flops(self.model, context) * (3 if training else 1)
 
 
@@ -128,6 +142,7 @@ def measure(benches: list[Bench], args) -> dict:
             decode[b.name].append(b.decode_tokens_per_second())
     out = {}
     for b in benches:
+        b.measure_decode_steps()
         tr, de = statistics.median(train[b.name]), statistics.median(decode[b.name])
         f_train, f_fwd = b.flops_per_token(True), b.flops_per_token(False)
         out[b.name] = {
@@ -135,6 +150,7 @@ def measure(benches: list[Bench], args) -> dict:
             "train_repeats": [round(x, 1) for x in train[b.name]], "decode_repeats": [round(x, 1) for x in decode[b.name]],
             "flops_per_token_train": f_train, "flops_per_token_forward": f_fwd,
             "achieved_gflops_train": round(f_train * tr / 1e9, 3), "mean_steps": b.mean_steps,
+            "decode_mean_steps": b.decode_mean_steps,
             "params": sum(p.numel() for p in b.model.parameters()),
         }
     return out
@@ -165,7 +181,12 @@ def main(argv=None) -> dict:
     cfg = DPSNRConfig.from_preset(args.preset, **overrides)
     dpsnr = Bench("dpsnr", DPSNRForCausalLM(cfg).to(args.device), True, args)
     dense = Bench("dense_twin", dense_twin(cfg).to(args.device), False, args)
-    twin = measure([dpsnr, dense], args)
+    benches = [dpsnr, dense]
+    if cfg.loop_halting != "fixed":  # the same model running every step: does time follow the steps?
+        torch.manual_seed(0)
+        fixed = DPSNRConfig.from_preset(args.preset, **{**overrides, "loop_halting": "fixed"})
+        benches.append(Bench("dpsnr_every_step", DPSNRForCausalLM(fixed).to(args.device), True, args))
+    twin = measure(benches, args)
     sweep = {}
     if args.sizes:
         benches = []
@@ -179,6 +200,16 @@ def main(argv=None) -> dict:
     ratios = {"train_vs_dense": d["train_tokens_per_second"] / t["train_tokens_per_second"],
               "decode_vs_dense": d["decode_tokens_per_second"] / t["decode_tokens_per_second"],
               "flops_ratio_train": t["flops_per_token_train"] / d["flops_per_token_train"]}
+    if "dpsnr_every_step" in twin:
+        # measured speed-up of adaptive halting over running every step, against the cost model's
+        # (FLOPs at max steps / FLOPs at the measured mean): 1.0 = time follows the steps exactly
+        f = twin["dpsnr_every_step"]
+        for mode, key, fkey in (("train", "train_tokens_per_second", "flops_per_token_train"),
+                                ("decode", "decode_tokens_per_second", "flops_per_token_forward")):
+            speedup, ideal = d[key] / f[key], f[fkey] / d[fkey]
+            ratios[f"{mode}_speedup_vs_every_step"] = speedup
+            ratios[f"{mode}_ideal_speedup_vs_every_step"] = ideal
+            ratios[f"{mode}_time_follows_steps"] = speedup / ideal
     if 14 in args.sizes and 20 in args.sizes:
         lo, hi = sweep["pool_2^14"], sweep["pool_2^20"]
         ratios["train_pool_2^20_vs_2^14"] = hi["train_tokens_per_second"] / lo["train_tokens_per_second"]

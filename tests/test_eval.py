@@ -374,3 +374,19 @@ def test_seed_spread_section_by_hand(tmp_path):
     assert micro_row == "| dpsnr-micro | 3 | 60 | 10 | 50 | 70 | 40.0 … 65.0 |"
     assert "--seed` 1, 2, 3" in "\n".join(lines)
     assert section_seed_spread(tmp_path / "none")[-2].startswith("_Not run yet")
+
+
+def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_path):
+    from dpsnr.eval.bench_throughput import main
+
+    out = tmp_path / "bench.json"
+    report = main(["--preset", "debug", "--sizes", "10", "11", "--batch", "2", "--block", "16", "--steps", "1",
+                   "--warmup", "1", "--repeats", "1", "--new-tokens", "4", "--prompt-len", "4", "--output", str(out)])
+    assert json.loads(out.read_text())["ratios"] == report["ratios"] and out.with_suffix(".png").exists()
+    assert set(report["twin"]) == {"dpsnr", "dense_twin", "dpsnr_every_step"}  # debug routes by threshold
+    every = report["twin"]["dpsnr_every_step"]
+    assert every["mean_steps"] == every["decode_mean_steps"] == 4.0
+    adaptive = report["twin"]["dpsnr"]
+    assert 1.0 <= adaptive["mean_steps"] < 4.0  # threshold routing in training keeps a share of the tokens per step
+    assert report["ratios"]["train_ideal_speedup_vs_every_step"] > 1.0
+    assert set(report["pool_sweep"]) == {"pool_2^10", "pool_2^11"}
