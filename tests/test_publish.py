@@ -303,3 +303,15 @@ def test_generate_cli_prints_text_statistics_and_a_json_line(published, capsys):
     last = json.loads(lines[-1])
     assert last["new_tokens"] == 5 and last["avg_loops"] == stats["avg_loops"]
     assert any(line.startswith("token") and "steps" in line for line in lines)
+
+
+def test_card_describes_the_loop_the_config_builds():
+    from dpsnr.hub.model_card import architecture_lines
+    from modeling_dpsnr import DPSNRConfig
+
+    routed = " ".join(architecture_lines(DPSNRConfig.from_preset("micro")))
+    assert "shared transformer block" in routed and "router" in routed and "ACT" not in routed
+    assert "running statistics" in routed and "unit length" in routed
+    first = " ".join(architecture_lines(DPSNRConfig()))
+    assert "without attention" in first and "ACT" in first and "router" not in first
+    assert "all 3 steps" in " ".join(architecture_lines(DPSNRConfig(loop_halting="fixed", loop_max_steps=3)))

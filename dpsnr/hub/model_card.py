@@ -180,6 +180,34 @@ def _bytes(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
+def _step_words(c: DPSNRConfig) -> str:
+    if c.loop_step == "block":
+        return ("each step is one shared transformer block whose MLP is the pool read, so attention at every depth "
+                "sees the sequence (a token that halted earlier is seen at its deepest state)")
+    return "each step is a pool read on the token's own state, without attention"
+
+
+def _halting_words(c: DPSNRConfig) -> str:
+    if c.loop_halting == "threshold":
+        shares = ", ".join(f"{x:g}" for x in c.loop_capacity)
+        return (f"Halting is routed: after each step a router scores every token; in training the top share of the "
+                f"batch continues (shares per step {shares}, {sum(c.loop_capacity):.2f} steps on average), at inference "
+                "a token continues while its score exceeds a threshold tracked during training, so the decision "
+                "depends on the token and its past only.")
+    if c.loop_halting == "fixed":
+        return f"Every token runs all {c.loop_max_steps} steps."
+    return f"Halting follows ACT (Graves 2016, ε={c.loop_halt_epsilon}) with a ponder cost."
+
+
+def _norm_words(c: DPSNRConfig) -> str:
+    if c.pool_retrieval != "product_key":
+        return ""
+    query = {"running": "normalised per head with running statistics (causal: fixed within a forward)",
+             "layer": "layer-normalised", "rms": "RMS-normalised"}.get(c.pool_query_norm, c.pool_query_norm)
+    keys = "; sub-keys scaled to unit length" if c.pool_key_norm == "unit" else ""
+    return f"; queries {query}{keys}"
+
+
 def architecture_lines(config: DPSNRConfig) -> list[str]:
     c = config
     entry = c.entry_kind.description  # each kind's own words (modeling_dpsnr/kinds.py)
@@ -191,12 +219,11 @@ def architecture_lines(config: DPSNRConfig) -> list[str]:
         f"heads, {c.num_key_value_heads} key/value heads, SwiGLU {c.intermediate_size}, RoPE, RMSNorm), "
         f"{c.num_prelude_layers} before the reasoning loop and {c.num_coda_layers} after it, so the last blocks' "
         "attention mixes what the loop retrieved across positions. Embedding and LM head are tied.",
-        f"Reasoning loop, per token and without attention: up to {c.loop_max_steps} steps (at least {c.loop_min_steps}); "
-        f"step s reads partition {' → '.join(c.loop_phase_schedule)}; the state is updated by a gated sum of what "
-        f"{c.pool_heads} heads retrieved; halting follows ACT (Graves 2016, ε={c.loop_halt_epsilon}), and a halted "
-        "token costs nothing more.",
+        f"Reasoning loop: up to {c.loop_max_steps} steps (at least {c.loop_min_steps}); {_step_words(c)}; step s reads "
+        f"partition {' → '.join(c.loop_phase_schedule)}, and the state is updated by a gated sum of what "
+        f"{c.pool_heads} heads retrieved. {_halting_words(c)} A halted token costs nothing more.",
         f"Pool: {c.pool_size:,} entries in partitions {parts}; entries are {entry}.",
-        f"Retrieval: {retrieval}.",
+        f"Retrieval: {retrieval}{_norm_words(c)}.",
         "Outputs add `reasoning_steps`, `halting_probs` and `active_params` per token, and `lm_loss` / `ponder_loss` "
         "when labels are given.",
     ]
