@@ -64,6 +64,7 @@ class PoolScaleArguments:
     work_dir: str = field(default=tempfile.gettempdir(), metadata={"help": "Pool files go to a temporary folder here."})
     output_dir: str = "eval/results"
     modes: str = field(default="product_key,coordinate,hashed", metadata={"help": "Comma-separated retrieval modes."})
+    only_largest: bool = field(default=False, metadata={"help": "Measure the 2^16 reference and the largest pool only."})
     # The measuring subprocess (_run_measure): one checkpoint folder and how to load it.
     measure: str | None = field(default=None, metadata={"help": argparse.SUPPRESS})
     load: str | None = field(default=None, metadata={"help": argparse.SUPPRESS, "choices": ["mmap", "ram"]})
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     largest = int(args.max_params) // per_entry
     if largest <= 1 << 16:
         raise ValueError("--max-params must exceed the 2^16-entry reference pool (33.6M parameters).")
-    sizes = sorted({s for s in (1 << 16, 1 << 18, 1 << 20, 1 << 22) if s < largest} | {largest})
+    steps = (1 << 16,) if args.only_largest else (1 << 16, 1 << 18, 1 << 20, 1 << 22)
+    sizes = sorted({s for s in steps if s < largest} | {largest})
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:

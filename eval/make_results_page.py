@@ -228,6 +228,9 @@ def build(results: Path, page: Path) -> str:
     lines += section_perplexity(results)
     lines += section_json("Pool optimizer step time", results / "bench_optimizer.json", page, [results / "bench_optimizer.png"])
     lines += section_json("Pool scale: memory-mapped pools", results / "bench_pool_scale.json", page, [results / "bench_pool_scale.png"])
+    lines += section_json("Pool scale: a hashed n-gram pool memory-mapped (rows prefetched from the token ids)",
+                          results / "pool_scale_hashed" / "bench_pool_scale.json", page,
+                          [results / "pool_scale_hashed" / "bench_pool_scale.png"])
     lines += section_json("Reasoning analytics", results / "reasoning_analytics.json", page, [results / "reasoning_analytics.png"])
     lines += section_json("Pool health", results / "pool_health.json", page, [results / "pool_health.png"])
     lines += section_json("CUDA checks (`scripts/check_gpu.sh`)", results / "gpu" / "check_gpu.json", page, [])
