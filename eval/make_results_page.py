@@ -190,7 +190,7 @@ def section_study(results: Path, page: Path) -> list[str]:
         lines += [f"![perplexity vs FLOPs]({_rel(png, page)})", ""]
     scaling = _load(results / "study_pool_scaling.json") or {}
     if scaling:
-        lines += ["### Pool scaling at flat compute (F, main-job budget)", ""]
+        lines += ["### Pool scaling at flat compute (the default, F-fixed4, main-job budget)", ""]
         for ds, pts in sorted(scaling.items()):
             lines += [f"{ds}: " + "; ".join(
                 f"{p['pool_entries']:,} entries → ppl {p['heldout_perplexity']:.2f}, rows read "
@@ -200,8 +200,8 @@ def section_study(results: Path, page: Path) -> list[str]:
             lines += [f"![pool scaling]({_rel(png, page)})", ""]
     legend = [r for r in rows if r["overrides"]]
     if legend:
-        lines += ["Variants (config fields each sets; `block-threshold-shared-qrun-keynorm` is F, the presets' "
-                  "default; `dense-N` is a transformers Llama of the controller's width with N layers):", ""]
+        lines += ["Variants (config fields each sets; `F-fixed4` is the presets' default; `dense-N` is a transformers "
+                  "Llama of the controller's width with N layers):", ""]
         lines += [f"- `{v}`: `{json.dumps(o, sort_keys=True)}`"
                   for v, o in sorted({r["variant"]: r["overrides"] for r in legend}.items())] + [""]
     return lines

@@ -91,15 +91,15 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['decode_tokens_per_second']:.0f} | {read} | {mass} |")
         lines.append("")
     variants = {r["variant"]: r["overrides"] for r in rows if r["overrides"]}
-    lines += ["## Variants", "", f"`{DEFAULT_VARIANT}` is F, the presets' default. Config fields each variant sets "
+    lines += ["## Variants", "", f"`{DEFAULT_VARIANT}` is the presets' default. Config fields each variant sets "
               "(the others: the micro preset's; `dense-N`: a transformers Llama of the controller's width with N layers):", ""]
     lines += [f"- `{v}`: `{json.dumps(o, sort_keys=True)}`" for v, o in sorted(variants.items())] + [""]
     return "\n".join(lines)
 
 
-# The presets' default loop and pool (F) and its pool-scaling rows: same heads, k, steps, controller.
-DEFAULT_VARIANT = "block-threshold-shared-qrun-keynorm"
-POOL_SCALING = {DEFAULT_VARIANT: 65_536, "F-pool-x4": 262_144, "F-pool-x16": 1_048_576}
+# The presets' default loop and pool and its pool-scaling rows: same heads, k, steps, controller.
+DEFAULT_VARIANT = "F-fixed4"
+POOL_SCALING = {DEFAULT_VARIANT: 65_536, "F-fixed4-pool-x4": 262_144, "F-fixed4-pool-x16": 1_048_576}
 
 
 def pool_scaling(rows: list[dict]) -> dict[str, list[dict]]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 
 # The loop and the pool the loop/pool study chose on micro (docs/results.md, eval/results/study.json;
-# main-job recipe, both datasets): the block step (attention at each depth) over fixed or ACT token
-# steps, threshold routing (mean 2.5 of 4 steps) for adaptive depth, and for product keys one shared
-# pool with running-statistics query norm and unit keys (rows read 35 % -> 54 % on TinyStories, and
-# lower perplexity than three partitions). DPSNRConfig's own defaults keep the first design, so
-# configs saved before these fields existed load as they were trained.
-ADAPTIVE_BLOCK_LOOP = dict(loop_step="block", loop_halting="threshold")
+# main-job recipe, both datasets): the block step (attention at each depth) run for every step, and
+# for product keys one shared pool with running-statistics query norm and unit keys (rows read
+# 35 % -> 56 % on TinyStories, lower perplexity than three partitions). Routed halting
+# (loop_halting="threshold", 2.5 of 4 steps) cost 7-11 % perplexity against every step at equal
+# tokens, for ~10 % fewer FLOPs: it is an option, not the default. DPSNRConfig's own defaults keep
+# the first design, so configs saved before these fields existed load as they were trained.
+BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
 SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="running", pool_key_norm="unit")
 
 PRESETS: dict[str, dict] = {
@@ -30,30 +31,30 @@ PRESETS: dict[str, dict] = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_prelude_layers=1,
         num_attention_heads=4, max_position_embeddings=256,
         pool_size=4096, pool_heads=2, pool_topk=4, pool_key_dim=32, loop_max_steps=4,
-        **ADAPTIVE_BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
+        **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
     ),
     # CPU demo: d 256, 4 blocks, a 4096-token BPE trained on TinyStories, ~65k neuron entries.
     "micro": dict(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_prelude_layers=2,
         num_attention_heads=4, max_position_embeddings=512,
         pool_size=65536, pool_heads=4, pool_topk=8, pool_key_dim=64, loop_max_steps=4,
-        **ADAPTIVE_BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
+        **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
     ),
     # d 512, 4 blocks, 8 heads, GPT-2 vocabulary, 100,000 neuron entries in one shared pool (the
     # design's 70/20/10 split is `pool_partitions`; the study measured the shared pool better), 8 steps.
     # Measured 142.7M total (design: ≈141M, +1.2 %) and 14.9M active per token (design: ≈15M).
-    "tiny": dict(**ADAPTIVE_BLOCK_LOOP, **SHARED_PRODUCT_KEYS),
+    "tiny": dict(**BLOCK_LOOP, **SHARED_PRODUCT_KEYS),
     # d 768, 8 blocks, GPT-2 vocabulary, ~1M neuron entries.
     "small": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_prelude_layers=3,
         num_attention_heads=12, pool_size=1_048_576, pool_heads=8, pool_topk=8, pool_key_dim=256,
-        **ADAPTIVE_BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
+        **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
     ),
     # d 1024, 16 blocks, GPT-2 vocabulary, 4M neuron entries.
     "base": dict(
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_prelude_layers=6,
         num_attention_heads=16, pool_size=4_194_304, pool_heads=8, pool_topk=16, pool_key_dim=256,
-        **ADAPTIVE_BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
+        **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
     ),
     # Intermediate coordinate preset: a 0.36B controller (d 1024, 24 blocks) over 10B parameters of
     # value entries (9,765,625 × 1024) read by coordinate windows (8 heads × 32 rows × 8 steps).
@@ -61,7 +62,7 @@ PRESETS: dict[str, dict] = {
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_prelude_layers=8,
         num_attention_heads=16, max_position_embeddings=4096,
         pool_size=9_765_625, pool_entry="value", pool_retrieval="coordinate", pool_heads=8,
-        indexer_window=32, indexer_hidden_size=2048, **ADAPTIVE_BLOCK_LOOP,
+        indexer_window=32, indexer_hidden_size=2048, **BLOCK_LOOP,
     ),
     # The 1.5B + 100B design: a 1.54B controller (d 2048, 26 blocks, GQA 16/8), a 50.7M learned
     # indexer (3 partitions × 2048→8192→16) and 100.0B parameters of value entries
@@ -70,19 +71,19 @@ PRESETS: dict[str, dict] = {
         hidden_size=2048, intermediate_size=6912, num_hidden_layers=26, num_prelude_layers=8,
         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096,
         pool_size=48_828_125, pool_entry="value", pool_retrieval="coordinate", pool_heads=8,
-        indexer_window=64, indexer_hidden_size=8192, **ADAPTIVE_BLOCK_LOOP,
+        indexer_window=64, indexer_hidden_size=8192, **BLOCK_LOOP,
     ),
 }
 
 # Measured by `dpsnr presets` (total, active per token at max steps).
 MEASURED: dict[str, tuple[int, int]] = {
-    "debug": (668_736, 115_776),  # 0.7M total, 0.12M active
-    "micro": (38_474_880, 3_937_408),  # 38.5M total (33.6M pool), 3.94M active
-    "tiny": (142_726_144, 14_856_704),  # 142.7M total (102.4M pool), 14.86M active
-    "small": (1_712_480_512, 64_056_832),  # 1.71B total (1.61B pool), 64.1M active
-    "base": (8_858_506_752, 219_206_144),  # 8.86B total (8.59B pool), 219.2M active
-    "350m-10b": (10_371_452_976, 322_086_960),  # 10.37B total (10.0B pool, 6.4M indexer), 322.1M active
-    "1.5b-100b": (101_601_906_736, 1_507_369_008),  # 101.60B total (100.0B pool, 50.7M indexer), 1.51B active
+    "debug": (668_544, 115_584),  # 0.7M total, 0.12M active
+    "micro": (38_474_112, 3_936_640),  # 38.5M total (33.6M pool), 3.94M active
+    "tiny": (142_722_560, 14_853_120),  # 142.7M total (102.4M pool), 14.85M active
+    "small": (1_712_475_136, 64_051_456),  # 1.71B total (1.61B pool), 64.1M active
+    "base": (8_858_499_584, 219_198_976),  # 8.86B total (8.59B pool), 219.2M active
+    "350m-10b": (10_371_445_808, 322_079_792),  # 10.37B total (10.0B pool, 6.4M indexer), 322.1M active
+    "1.5b-100b": (101_601_892_400, 1_507_354_672),  # 101.60B total (100.0B pool, 50.7M indexer), 1.51B active
 }
 
 # Pool on disk (pool_files.py): bytes in fp16 = bf16 (2 per parameter; fp32 doubles them), the shard

@@ -380,10 +380,10 @@ def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_p
     from dpsnr.eval.bench_throughput import main
 
     out = tmp_path / "bench.json"
-    report = main(["--preset", "debug", "--sizes", "10", "11", "--batch", "2", "--block", "16", "--steps", "1",
+    report = main(["--preset", "debug", "--overrides", "{loop_halting: threshold}", "--sizes", "10", "11", "--batch", "2", "--block", "16", "--steps", "1",
                    "--warmup", "1", "--repeats", "1", "--new-tokens", "4", "--prompt-len", "4", "--output", str(out)])
     assert json.loads(out.read_text())["ratios"] == report["ratios"] and out.with_suffix(".png").exists()
-    assert set(report["twin"]) == {"dpsnr", "dense_twin", "dpsnr_every_step"}  # debug routes by threshold
+    assert set(report["twin"]) == {"dpsnr", "dense_twin", "dpsnr_every_step"}  # adaptive: compared with every step
     every = report["twin"]["dpsnr_every_step"]
     assert every["mean_steps"] == every["decode_mean_steps"] == 4.0
     adaptive = report["twin"]["dpsnr"]

@@ -309,9 +309,11 @@ def test_card_describes_the_loop_the_config_builds():
     from dpsnr.hub.model_card import architecture_lines
     from modeling_dpsnr import DPSNRConfig
 
-    routed = " ".join(architecture_lines(DPSNRConfig.from_preset("micro")))
-    assert "shared transformer block" in routed and "router" in routed and "ACT" not in routed
-    assert "running statistics" in routed and "unit length" in routed
+    micro = " ".join(architecture_lines(DPSNRConfig.from_preset("micro")))
+    assert "shared transformer block" in micro and "all 4 steps" in micro and "ACT" not in micro
+    assert "running statistics" in micro and "unit length" in micro
+    routed = " ".join(architecture_lines(DPSNRConfig.from_preset("micro", loop_halting="threshold")))
+    assert "router" in routed and "2.50 steps on average" in routed
     first = " ".join(architecture_lines(DPSNRConfig()))
     assert "without attention" in first and "ACT" in first and "router" not in first
     assert "all 3 steps" in " ".join(architecture_lines(DPSNRConfig(loop_halting="fixed", loop_max_steps=3)))

@@ -76,8 +76,8 @@ def test_rows_take_the_best_rate_and_average_its_seeds():
 
 
 def test_pool_scaling_orders_the_default_and_its_larger_pools():
-    recs = [_record("F-pool-x16", 3e-3, 42, 33.0, read=0.1), _record(DEFAULT_VARIANT, 3e-3, 42, 35.0, read=0.5),
-            _record("F-pool-x4", 3e-3, 42, 34.0, read=0.3), _record("F-pool-x4", 3e-3, 42, 20.0, tokens=2 * 716800)]
+    recs = [_record("F-fixed4-pool-x16", 3e-3, 42, 33.0, read=0.1), _record(DEFAULT_VARIANT, 3e-3, 42, 35.0, read=0.5),
+            _record("F-fixed4-pool-x4", 3e-3, 42, 34.0, read=0.3), _record("F-fixed4-pool-x4", 3e-3, 42, 20.0, tokens=2 * 716800)]
     scaling = pool_scaling(aggregate(recs))["tinystories"]
     assert [p["pool_entries"] for p in scaling] == [65_536, 262_144, 1_048_576]
     assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0]
