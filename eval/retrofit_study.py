@@ -8,7 +8,8 @@ an honest baseline and at this machine's scale:
 2. continue on WikiText-2 (same tokenizer: the pretrained model's), --tokens training tokens each:
    (a) plain fine-tuning of every parameter, (b) retrofitted with a product-key pool, (c) with a
    hashed n-gram memory, (d) with both — (b)-(d) train only the memory (`add_memory(...,
-   freeze_base=True)`); every row at each learning rate of its sweep, best reported;
+   freeze_base=True)`); every row at each learning rate of its sweep, best reported; (e)... a
+   memory trained together with the whole base (`--joint`), each part at its best rate above;
 3. metric: held-out WikiText-2 perplexity (valid.txt, the first 256 blocks of 256 tokens), the
    perplexity of the pretrained model before any continuation, trained parameters, training tokens/s.
 
@@ -37,17 +38,21 @@ MEMORIES = {
 }
 
 
-def _train(model, blocks: np.ndarray, tokens: int, lr: float, seed: int, params=None) -> float:
-    """AdamW, cosine with 30/350 warmup, clip 1: the main job's schedule. Returns tokens/s."""
+def _train(model, blocks: np.ndarray, tokens: int, lr: float, seed: int, params=None, groups=None) -> float:
+    """AdamW, cosine with 30/350 warmup, clip 1: the main job's schedule. Returns tokens/s.
+    `groups` (AdamW parameter groups) overrides `params` / `lr` for a joint base + memory run."""
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
     steps = tokens // (BLOCK * BATCH)
     order = np.random.default_rng(seed).permutation(len(blocks))[: steps * BATCH]
-    # The main job's weight decay for a full fine-tune; none on a memory (DESIGN §4: no decay on the pool).
-    decay = 0.1 if params is None else 0.0
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    if groups is None:
+        # The main job's weight decay for a full fine-tune; none on a memory (DESIGN §4: no decay on the pool).
+        decay = 0.1 if params is None else 0.0
+        groups = [{"params": [p for p in (params if params is not None else model.parameters()) if p.requires_grad],
+                   "lr": lr, "weight_decay": decay}]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups)
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(steps * 30 / 350)), steps)
     model.train()
     start = time.perf_counter()
@@ -118,15 +123,24 @@ def main(argv=None) -> dict:
     p.add_argument("--after-layer", type=int, default=1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--joint", nargs="*", default=["both"], choices=list(MEMORIES),
+                   help="memories also trained together with the whole base (rows (e)...): base at the best "
+                        "fine-tuning lr, memory at its best retrofit lr")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --output, run the others")
     p.add_argument("--output", default=str(RESULTS / "retrofit_study.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = tokenizer_for("tinystories")
     base, base_record = pretrained_base(tok, args.base_lr, args.seed)
     wt = wikitext_blocks(tok)
+    out = Path(args.output)
+    done = json.loads(out.read_text())["rows"] if args.resume and out.exists() else {}
     rows = {"pretrained (no continuation)": {"heldout_ppl": heldout_ppl(base, wt["validation"]), "trained_params": 0}}
     for variant, lrs in [("(a) plain fine-tuning", args.finetune_lrs)] + [(f"({c}) retrofit {m}", args.memory_lrs)
                                                                          for c, m in zip("bcd", MEMORIES)]:
+        if variant in done:
+            rows[variant] = done[variant]
+            continue
         tries = {}
         for lr in lrs:
             model, _ = pretrained_base(tok, args.base_lr, args.seed)
@@ -146,10 +160,26 @@ def main(argv=None) -> dict:
         best = min(tries, key=lambda k: tries[k]["heldout_ppl"])
         rows[variant] = {"heldout_ppl": tries[best]["heldout_ppl"], "best_lr": float(best), "by_lr": tries,
                          "trained_params": trained, "train_tokens_per_second": tries[best]["train_tokens_per_second"]}
+    # Joint rows: does a memory add to the usual continuation (every base parameter trained too)?
+    ft_lr = rows["(a) plain fine-tuning"]["best_lr"]
+    for c, memory in zip("efg", args.joint):
+        variant = f"({c}) fine-tuning + retrofit {memory}"
+        if variant in done:
+            rows[variant] = done[variant]
+            continue
+        mem_lr = rows[f"({'bcd'[list(MEMORIES).index(memory)]}) retrofit {memory}"]["best_lr"]
+        model, _ = pretrained_base(tok, args.base_lr, args.seed)
+        model = add_memory(model, after_layer=args.after_layer, memory=memory, freeze_base=False, **MEMORIES[memory])
+        mem = {id(p) for p in model.memory_parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in mem], "lr": ft_lr, "weight_decay": 0.1},
+                  {"params": model.memory_parameters(), "lr": mem_lr, "weight_decay": 0.0}]
+        speed = _train(model, wt["train"], args.tokens, ft_lr, args.seed, groups=groups)
+        rows[variant] = {"heldout_ppl": heldout_ppl(model, wt["validation"]), "best_lr": f"{ft_lr:g} base, {mem_lr:g} memory",
+                         "trained_params": sum(p.numel() for p in model.parameters()), "train_tokens_per_second": speed}
+        print(json.dumps({"variant": variant, **rows[variant]}), flush=True)
     report = {"metric": "held-out WikiText-2 perplexity after continuing a TinyStories-pretrained dense model",
               "continuation_tokens": args.tokens, "base": base_record, "memories": MEMORIES, "rows": rows,
-              "settings": vars(args), "provenance": provenance()}
-    out = Path(args.output)
+              "settings": vars(args), "provenance": provenance("dpsnr retrofit-study")}
     out.write_text(json.dumps(report, indent=1))
     lines = [f"Continuation on WikiText-2: {args.tokens:,} tokens per row; base: dense-4 pretrained on TinyStories "
              f"({MAIN_JOB_TOKENS:,} tokens, lr {args.base_lr:g}, held-out TinyStories ppl {base_record['tinystories_heldout_ppl']:.2f}).",
@@ -161,6 +191,8 @@ def main(argv=None) -> dict:
     plain = rows["(a) plain fine-tuning"]["heldout_ppl"]
     summary = {"metric": "held-out WikiText-2 ppl", **{k: round(v["heldout_ppl"], 2) for k, v in rows.items()},
                "retrofits_beating_plain": [k for k, v in rows.items() if "retrofit" in k and v["heldout_ppl"] < plain]}
+    report["summary"] = summary
+    out.write_text(json.dumps(report, indent=1))
     print(json.dumps(summary))
     return report
 

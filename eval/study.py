@@ -279,7 +279,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
             "metrics": record, "provenance": provenance()}
 
 
-def provenance() -> dict:
+def provenance(command: str = "dpsnr study") -> dict:
     import transformers
 
     def git(*args):
@@ -289,7 +289,7 @@ def provenance() -> dict:
             return None
 
     return {
-        "command": "dpsnr study " + " ".join(sys.argv[1:]),
+        "command": command + " " + " ".join(sys.argv[1:]),
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "torch": torch.__version__, "transformers": transformers.__version__,
