@@ -214,7 +214,19 @@ def build(results: Path, page: Path) -> str:
     lines += section_study(results, page)
     lines += section_json("Throughput: DPSN-R vs its dense twin, and vs pool size", results / "bench_throughput.json", page,
                           [results / "bench_throughput.png"])
+    lines += section_json("Routed halting against every step, same process (time follows steps)",
+                          results / "bench_throughput_threshold.json", page, [results / "bench_throughput_threshold.png"])
     lines += section_json("Retrofitting a memory into a pretrained model", results / "retrofit_study.json", page, [])
+    lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
+    lines += section_json("Reasoning analytics of the main job's model", results / "reasoning_analytics.json", page,
+                          [results / "reasoning_analytics.png"])
+    lines += section_json("Pool health of the main job's model", results / "pool_health.json", page, [results / "pool_health.png"])
+    lines += section_json("The main job with routed halting (`loop_halting=threshold`, the presets' default before the study "
+                          "chose every step)", results / "main_job_threshold.json", page, [])
+    lines += section_json("Reasoning analytics with routed halting: steps per token class",
+                          results / "reasoning_analytics_threshold.json", page, [results / "reasoning_analytics_threshold.png"])
+    lines += section_json("Pool health with routed halting", results / "pool_health_threshold.json", page,
+                          [results / "pool_health_threshold.png"])
     lines += ["## Earlier comparisons (one learning rate for every model: superseded by the study above)", "",
               "These runs gave every model the learning rate tuned for DPSN-R (3e-3); the dense twin does much better "
               "at 1e-3, so their DPSN-R-vs-dense gaps overstate DPSN-R's advantage. Kept for the ablations' record.", ""]
@@ -224,15 +236,12 @@ def build(results: Path, page: Path) -> str:
     lines += section_ponder_sweep(results)
     lines += section_compare(results, page, "gpu/compare_gpu_10x_ponder",
                              "Ten times the budget: ponder weight 0.3 vs a fixed 2-step loop (GPU; compare with the 10x table above)")
-    lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
     lines += section_perplexity(results)
     lines += section_json("Pool optimizer step time", results / "bench_optimizer.json", page, [results / "bench_optimizer.png"])
     lines += section_json("Pool scale: memory-mapped pools", results / "bench_pool_scale.json", page, [results / "bench_pool_scale.png"])
     lines += section_json("Pool scale: a hashed n-gram pool memory-mapped (rows prefetched from the token ids)",
                           results / "pool_scale_hashed" / "bench_pool_scale.json", page,
                           [results / "pool_scale_hashed" / "bench_pool_scale.png"])
-    lines += section_json("Reasoning analytics", results / "reasoning_analytics.json", page, [results / "reasoning_analytics.png"])
-    lines += section_json("Pool health", results / "pool_health.json", page, [results / "pool_health.png"])
     lines += section_json("CUDA checks (`scripts/check_gpu.sh`)", results / "gpu" / "check_gpu.json", page, [])
     lines += section_json("Training on one GPU (accelerate, bf16)", results / "gpu" / "train_runs.json", page, [])
     return "\n".join(lines) + "\n"
