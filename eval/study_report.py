@@ -126,10 +126,10 @@ def plot_pool_scaling(scaling: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ds, pts in sorted(scaling.items()):
         x = [p["pool_entries"] for p in pts]
-        axes[0].plot(x, [p["heldout_perplexity"] for p in pts], "o-", label=ds)
+        axes[0].plot(x, [p["heldout_perplexity"] / pts[0]["heldout_perplexity"] for p in pts], "o-", label=ds)
         axes[1].plot(x, [100 * (p["frac_rows_read"] or 0) for p in pts], "o-", label=ds)
         axes[2].plot(x, [p["train_tokens_per_second"] / pts[0]["train_tokens_per_second"] for p in pts], "o-", label=ds)
-    for ax, label in zip(axes, ["held-out perplexity", "pool rows read on held-out text (%)",
+    for ax, label in zip(axes, ["held-out perplexity relative to the smallest pool", "pool rows read on held-out text (%)",
                                 "train tokens/s relative to x1 (shared CPU: rough)"]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("pool entries (same heads, k, steps, controller)")
