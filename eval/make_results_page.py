@@ -125,7 +125,9 @@ def section_ponder_sweep(results: Path) -> list[str]:
 def section_perplexity(results: Path) -> list[str]:
     """The sliding-window perplexity records (`dpsnr perplexity --output FILE`)."""
     records = [json.loads(f.read_text()) for f in sorted(results.glob("perplexity_*.json"))]
-    lines = ["## Sliding-window perplexity of the main job's model", ""]
+    lines = ["## Sliding-window perplexity of the main job's model", "",
+             "The TinyStories record is today's default main job; the WikiText records were measured on the "
+             "first design's main-job model (an earlier session) and not rerun.", ""]
     if not records:
         return lines + ["_Not run yet (no `perplexity_*.json` in eval/results)._", ""]
     rows = []
