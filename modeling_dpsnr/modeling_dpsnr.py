@@ -362,7 +362,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
         # n-gram partitions, known from the ids alone, hashed (and a memory-mapped pool asked for their
         # pages) before any block runs; earlier ids come from the cache.
         read = self.loop.pool.plan_read(self.execution.static_loop(inputs_embeds), input_ids, attention_mask, cache,
-                                        ngram_cache_layer(self.config))
+                                        ngram_cache_layer(self.config), sum_table_grads=True)
 
         B, T = inputs_embeds.shape[:2]
         if position_ids is None:

@@ -48,12 +48,15 @@ class ParameterPool(nn.Module):
         self.reads_tokens = any(getattr(part, "reads_tokens", False) for part in self.partitions.values())
 
     def plan_read(self, static: bool, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache,
-                  cache_layer: int) -> PoolRead:
+                  cache_layer: int, sum_table_grads: bool = False) -> PoolRead:
         """How this forward reads the pool: the loop driver's read mode (`static`, from the ExecutionPlan)
         and the rows of partitions that follow from the token ids, hashed now (and, for a memory-mapped
-        pool, asked for) before any layer runs; earlier ids come from `cache` layer `cache_layer`."""
+        pool, asked for) before any layer runs; earlier ids come from `cache` layer `cache_layer`.
+        `sum_table_grads`: a training forward whose reads are never recomputed (DPSN-R's loop runs outside
+        the checkpointed layers) sums each table's gradient over its reads once (reads.TableGradients)."""
         rows = prepare_token_reads(self, input_ids, attention_mask, cache, cache_layer) if self.reads_tokens else None
-        return PoolRead(static=static, token_rows=rows)
+        grads = {} if sum_table_grads and torch.is_grad_enabled() and not static else None
+        return PoolRead(static=static, token_rows=rows, table_grads=grads)
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.partitions[name]

@@ -15,13 +15,16 @@ static driver) gathers the (n, J, d) rows of u, takes their dot products with x 
 rows of v through `embedding_bag`. On a CPU the gather is the cost: J = heads × k rows per token,
 67 MB per 2,048 tokens at d 256, written to memory once and read back, ~4× the time of the
 arithmetic. Here the tokens go in chunks whose rows fit in the cache (chunk × J × d floats ≈ 2 MB),
-and backward recomputes them the same way instead of keeping them. The entry tables' gradients are built once,
-already coalesced: one row per distinct entry read (`index_add_` into (U, d), U ≤ n·J), a sparse COO
-tensor with sparse gradients, else the rows added into a dense zero table.
+and backward recomputes them the same way instead of keeping them. The entry tables' gradients are
+built once per forward, already coalesced: each read leaves its rows' gradients in factored form
+(coefficient × a token's vector), and one segmented sum over every read of the forward (`row_sums`,
+`embedding_bag` over the reads sorted by row) gives one row per distinct entry read (U ≤ steps·n·J):
+a sparse COO tensor with sparse gradients, else the rows added into a dense zero table
+(`TableGradients`; a read outside a training forward sums its own).
 
     forward   per chunk: U_c = u[idx_c] (c, J, d) ─ dots = U_c·x_c ─ coef = w·act(dots) ─ out_c = Σ coef·v[idx_c]
     backward  per chunk: g_coef = v[idx_c]·g_out_c,  g_dots = w·act'(dots)·g_coef,  g_x = Σ g_dots·U_c,
-              g_u[row] += g_dots·x,  g_v[row] += coef·g_out,  g_w = act(dots)·g_coef
+              g_w = act(dots)·g_coef;  after the forward's last read: g_u[row] = Σ g_dots·x,  g_v[row] = Σ coef·g_out
 
 The plain read stays the reference; tests/test_pool.py checks outputs and every gradient against it.
 """
@@ -48,13 +51,110 @@ class PoolRead:
         fused neuron read. Both give the same numbers.
     token_rows: name → (B·T, J) rows of each partition whose rows follow from the token ids (hashed
         n-grams), hashed up front (hashed.prepare_token_reads); None when the pool has none.
+    table_grads: partition name → its TableGradients for this forward, made at the partition's first
+        fused read: every read of the forward (one per loop step) leaves its part and each table gets
+        one gradient, summed once in backward. None (EAGER_READ, no-grad forwards, the static driver,
+        reads that a checkpointed layer may recompute: a retrofitted memory): each read returns its
+        own gradient, and autograd sums them.
     """
 
     static: bool = False
     token_rows: dict[str, torch.Tensor] | None = None
+    table_grads: dict[str, TableGradients] | None = None
 
 
 EAGER_READ = PoolRead()  # the default: eager reads, no token rows (a partition called on its own, in tests)
+
+
+class TableGradients:
+    """The entry-table gradients of one forward's reads of one partition, summed once.
+
+    A partition is read once per loop step; with a gradient per read, autograd adds 4 sparse (or dense,
+    pool-sized) gradients per table and the optimizer coalesces their sum: measured, ~3/4 of the reads'
+    backward time. Here the tables enter the graph once per forward through `_TapTables`, whose outputs
+    every read uses. Each read's backward leaves its part in factored form, row j of token n getting
+    coef[n, j] · src[n] (neuron entries: u gets act'-weighted dots × x, v gets the coefficients × the
+    output gradient), and after the last read the tap sums all of them per distinct row in one
+    segmented sum (`row_sums`): one gradient per table per step, as a plain parameter gets from
+    autograd, and no (n, J, d) per-read rows.
+    """
+
+    def __init__(self, tables: tuple[torch.Tensor, ...], sparse: bool):
+        self.sparse = sparse
+        self.reads: list[torch.Tensor] = []  # (n, J) row ids of each read, in forward order
+        self.parts: dict[int, tuple] = {}  # read → per table (coef (n, J), src (n, d)) or None, from backward
+        self.sums: list[torch.Tensor | None] | None = None  # per table (U, d), at the tap
+        self.rows: torch.Tensor | None = None  # (U,) the distinct rows the sums belong to
+        self.tapped = _TapTables.apply(self, *tables) if len(tables) > 1 else (_TapTables.apply(self, *tables),)
+
+    def record(self, idx: torch.Tensor) -> int | None:
+        """A read's (n, J) rows, at forward; its number, or None once backward began (a recomputation
+        under activation checkpointing: the first forward's record stands)."""
+        if self.parts:
+            return None
+        self.reads.append(idx)
+        return len(self.reads) - 1
+
+    def add(self, read: int, parts: tuple) -> None:
+        """Read `read`'s gradient parts, one per table: (coef (n, J), src (n, d)) or None."""
+        self.parts[read] = parts
+
+    def table_grad(self, i: int, table: torch.Tensor) -> torch.Tensor | None:
+        if self.sums is None:
+            self._sum()
+        if self.sums[i] is None:
+            return None
+        grad = _as_table_grad(table, self.rows, self.sums[i], self.sparse)
+        self.sums[i] = None
+        return grad
+
+    def _sum(self) -> None:
+        done = sorted(self.parts)
+        self.sums = [None] * len(self.parts[done[0]]) if done else []
+        if not done:
+            return
+        idx = torch.cat([self.reads[r].reshape(-1) for r in done])
+        self.rows, slot = idx.unique(return_inverse=True)
+        for i in range(len(self.sums)):
+            if self.parts[done[0]][i] is None:
+                continue
+            coef = torch.cat([self.parts[r][i][0].reshape(-1) for r in done])  # in the order of idx
+            src = torch.cat([self.parts[r][i][1] for r in done])
+            self.sums[i] = row_sums(slot, self.rows.shape[0], coef, src)
+        self.parts, self.reads = {}, []
+
+
+def row_sums(slot: torch.Tensor, num_rows: int, coef: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """(U, d) with row s = Σ over reads r of slot s of coef[r] · src[r // J], J = reads per src row:
+    the segmented sum of a table's gradient, never materialising the (R, d) per-read rows.
+    slot, coef (R,) with R = J · src rows. `embedding_bag` over the reads in row order (a stable sort:
+    the summation order, and so the result, is deterministic)."""
+    coef = coef.reshape(-1)
+    J = slot.shape[0] // src.shape[0]
+    order = torch.argsort(slot, stable=True)
+    counts = torch.bincount(slot, minlength=num_rows)
+    return F.embedding_bag(order // J, src, counts.cumsum(0) - counts, mode="sum",
+                           per_sample_weights=coef[order].to(src.dtype))
+
+
+class _TapTables(torch.autograd.Function):
+    """Identity on the tables; in backward, hands them the gradients their TableGradients summed (plus
+    any other gradient that reached the tapped tables)."""
+
+    @staticmethod
+    def forward(ctx, grads: TableGradients, *tables):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tables)
+        return tuple(t.view_as(t) for t in tables) if len(tables) > 1 else tables[0].view_as(tables[0])
+
+    @staticmethod
+    def backward(ctx, *incoming):  # runs after every read's backward: they all use the tapped tables
+        out = []
+        for i, (table, other) in enumerate(zip(ctx.saved_tensors, incoming)):
+            grad = ctx.grads.table_grad(i, table)
+            out.append(other if grad is None else grad if other is None else grad + other)
+        return (None, *out)
 
 
 @dataclass
@@ -146,7 +246,15 @@ def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: to
     if part.fused_reads and not read.static and part.row_gather is None and part.v.device == x.device:
         # Chunked read that never materialises the gathered rows; the plain one below is its reference,
         # and the static driver's (it lowers on XLA).
-        return neuron_read(part.u, part.v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads)
+        grads = None
+        if read.table_grads is not None and torch.is_grad_enabled() and (part.u.requires_grad or part.v.requires_grad):
+            grads = read.table_grads.get(part.name)
+            if grads is None:
+                grads = read.table_grads[part.name] = TableGradients((part.u, part.v), part.sparse_grads)
+        if grads is None:
+            return neuron_read(part.u, part.v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads)
+        u, v = grads.tapped
+        return neuron_read(u, v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads, grads)
     u_rows = part.gather_rows(part.u, idx).to(x.device, x.dtype)  # (n, J, d)
     coef = coef * part.act(torch.einsum("nkd,nd->nk", u_rows, x))  # (n, J)
     return read_values(part, idx, coef, x, read)
@@ -161,9 +269,11 @@ CHUNK_FLOATS = 1 << 19  # gathered floats per chunk (2 MB in float32): rows stay
 
 
 def neuron_read(u: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
-                act: Callable[[torch.Tensor], torch.Tensor], sparse: bool) -> torch.Tensor:
-    """Σ_j weights[n, j] · act(u[idx[n, j]] · x[n]) · v[idx[n, j]] → (n, d); idx, weights (n, J), x (n, d)."""
-    return _NeuronRead.apply(u, v, idx, weights, x, act, sparse)
+                act: Callable[[torch.Tensor], torch.Tensor], sparse: bool,
+                grads: TableGradients | None = None) -> torch.Tensor:
+    """Σ_j weights[n, j] · act(u[idx[n, j]] · x[n]) · v[idx[n, j]] → (n, d); idx, weights (n, J), x (n, d).
+    With `grads` (u and v its tapped tables), the entry gradients go into its shared buffers."""
+    return _NeuronRead.apply(u, v, idx, weights, x, act, sparse, grads)
 
 
 def _chunks(n: int, J: int, d: int):
@@ -173,7 +283,7 @@ def _chunks(n: int, J: int, d: int):
 
 class _NeuronRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, v, idx, weights, x, act, sparse):
+    def forward(ctx, u, v, idx, weights, x, act, sparse, grads):
         n, J = idx.shape
         d = u.shape[1]
         out = x.new_empty(n, d)
@@ -185,6 +295,7 @@ class _NeuronRead(torch.autograd.Function):
             out[a:b] = F.embedding_bag(idx[a:b], v, per_sample_weights=coef.to(v.dtype), mode="sum").to(x.dtype)
         ctx.save_for_backward(u, v, idx, weights, x, dots)
         ctx.act, ctx.sparse = act, sparse
+        ctx.grads, ctx.read = grads, (grads.record(idx) if grads is not None else None)
         return out
 
     @staticmethod
@@ -206,22 +317,21 @@ class _NeuronRead(torch.autograd.Function):
         if g_x is not None:
             for a, b in _chunks(n, J, d):
                 g_x[a:b] = torch.bmm(g_dots[a:b].unsqueeze(1), F.embedding(idx[a:b], u).to(x.dtype)).squeeze(1)
-        # Entry gradients, one row per distinct entry (the COO tensor is coalesced from the start), each
-        # chunk's per-read rows summed while they are in cache.
-        rows, slot = idx.reshape(-1).unique(return_inverse=True)  # (U,), (n·J,)
-        slot = slot.view(n, J)
+        # Entry gradients: row idx[n, j] of u gets g_dots[n, j] · x[n], of v coef[n, j] · grad_out[n]. With
+        # shared TableGradients they are summed with every other read of the forward at its tap;
+        # else here, one row per distinct entry (the COO tensor is coalesced from the start).
         want_u, want_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        sum_u = x.new_zeros(rows.shape[0], d) if want_u else None
-        sum_v = x.new_zeros(rows.shape[0], d) if want_v else None
-        for a, b in _chunks(n, J, d):
-            where = slot[a:b].reshape(-1)
-            if want_u:
-                sum_u.index_add_(0, where, (g_dots[a:b].unsqueeze(-1) * x[a:b].unsqueeze(1)).reshape(-1, d))
-            if want_v:
-                sum_v.index_add_(0, where, (coef[a:b].unsqueeze(-1) * grad_out[a:b].unsqueeze(1)).reshape(-1, d))
-        g_u = _as_table_grad(u, rows, sum_u, ctx.sparse) if want_u else None
-        g_v = _as_table_grad(v, rows, sum_v, ctx.sparse) if want_v else None
-        return g_u, g_v, None, g_w, g_x, None, None
+        parts = ((g_dots, x) if want_u else None, (coef, grad_out) if want_v else None)
+        if ctx.grads is not None and ctx.read is not None:
+            ctx.grads.add(ctx.read, parts)
+            return None, None, None, g_w, g_x, None, None, None
+        g_tables = [None, None]
+        if want_u or want_v:
+            rows, slot = idx.reshape(-1).unique(return_inverse=True)  # (U,), (n·J,)
+            for i, (table, part) in enumerate(zip((u, v), parts)):
+                if part is not None:
+                    g_tables[i] = _as_table_grad(table, rows, row_sums(slot, rows.shape[0], *part), ctx.sparse)
+        return g_tables[0], g_tables[1], None, g_w, g_x, None, None, None
 
 
 def _as_table_grad(table: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -232,5 +342,5 @@ def _as_table_grad(table: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor
     return table.new_zeros(table.shape).index_copy_(0, rows, summed)
 
 
-__all__ = ["CHUNK_FLOATS", "EAGER_READ", "ENTRY_READS", "EntryTables", "PoolRead", "Retrieval", "neuron_read", "read_neurons", "read_values",
+__all__ = ["CHUNK_FLOATS", "EAGER_READ", "ENTRY_READS", "EntryTables", "PoolRead", "Retrieval", "TableGradients", "neuron_read", "row_sums", "read_neurons", "read_values",
            "weighted_row_sum"]

@@ -123,13 +123,16 @@ class BlockStep(TokenStep):
         v = values.view(B, T, *values.shape[1:]).transpose(1, 2)
         if ctx.cache is not None:
             k, v = cache_update(ctx.cache, k, v, ctx.cache_layer + s)
-        # 2. queries of the processed rows only, laid out densely for the attention kernel
+        # 2. queries of the processed rows only, laid out densely for the attention kernel. Rows are
+        #    sorted and distinct, so m = B·T means every row, in order: no gather or scatter.
+        every = rows.shape[0] == B * T
         x = self.attn_norm(h)  # (m, d)
-        q_rows = self.attn.queries(x, ctx.cos[rows], ctx.sin[rows])  # (m, H, hd)
-        q = q_rows.new_zeros(B * T, *q_rows.shape[1:]).index_copy(0, rows, q_rows)
+        q_rows = self.attn.queries(x, *((ctx.cos, ctx.sin) if every else (ctx.cos[rows], ctx.sin[rows])))  # (m, H, hd)
+        q = q_rows if every else q_rows.new_zeros(B * T, *q_rows.shape[1:]).index_copy(0, rows, q_rows)
         q = q.view(B, T, *q_rows.shape[1:]).transpose(1, 2)  # (B, H, T, hd)
         out, _ = self.attn.attend(q, k, v, ctx.attention_mask)  # (B, T, H·hd)
-        h = h + self.attn.o_proj(out.reshape(B * T, -1)[rows])
+        out = out.reshape(B * T, -1)
+        h = h + self.attn.o_proj(out if every else out[rows])
         # 3. the pool read is the block's MLP
         return h + self.read(self.norm(h), s, rows, token, token_mask, ctx)
 
@@ -137,10 +140,11 @@ class BlockStep(TokenStep):
         stale = kv["stale"]  # (r,) flat rows whose state changed
         if stale.numel() == 0 and kv["k"] is not None:
             return
-        x = self.attn_norm(kv["state"][stale])
-        k_new, v_new = self.attn.keys_values(x, ctx.cos[stale], ctx.sin[stale])  # (r, kvH, hd)
-        if kv["k"] is None:
-            kv["k"], kv["v"] = k_new, v_new  # first step: every row is stale, in row order
+        every = stale.shape[0] == kv["state"].shape[0]  # every row, in order (stale rows are sorted, distinct)
+        x = self.attn_norm(kv["state"] if every else kv["state"][stale])
+        k_new, v_new = self.attn.keys_values(x, *((ctx.cos, ctx.sin) if every else (ctx.cos[stale], ctx.sin[stale])))  # (r, kvH, hd)
+        if kv["k"] is None or every:
+            kv["k"], kv["v"] = k_new, v_new  # e.g. the first step: every row is stale
         else:
             kv["k"] = kv["k"].index_copy(0, stale, k_new)
             kv["v"] = kv["v"].index_copy(0, stale, v_new)
@@ -273,7 +277,7 @@ class ReasoningLoop(nn.Module):
             prob_val.append(dec.prob)
             halts = dec.halts
             if step.attends:
-                full = full.index_copy(0, running, h_new)
+                full = h_new if running.shape[0] == n else full.index_copy(0, running, h_new)
                 ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
             if not bool(halts.any()):  # nobody halts: no gather, no scatter (and none in backward)
                 h = h_new

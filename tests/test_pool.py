@@ -297,3 +297,98 @@ def test_fused_read_of_half_precision_tables_matches_the_plain_read():
             outs.append(part(x, x)[0])
     assert outs[0].dtype == torch.float32
     torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- one table gradient per forward
+def _table_grads(model, ids, **execution):
+    model.set_execution(**execution)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loop_step", ["token", "block"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tables_read_at_every_step_get_one_gradient_equal_to_the_per_read_sum(loop_step, sparse):
+    """Training forwards sum each table's gradient over all loop steps once (reads.TableGradients); it must
+    equal what autograd sums from per-read gradients (the plain, unfused reads), for every parameter, and a
+    sparse one must list each read row once, in order (so the optimizer skips its sort)."""
+    from dpsnr.training.pool_optim import rows_are_distinct
+
+    model = tiny_model(seed=1, loop_step=loop_step, loop_halting="fixed", pool_partitions={"shared": 1.0})
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    fused = _table_grads(model, ids, pool_sparse_grads=sparse, pool_fused_reads=True)
+    if sparse:
+        u = model.pool["shared"].u.grad
+        assert u.is_sparse and rows_are_distinct(u)
+        assert u._nnz() == u.coalesce()._nnz() < u.shape[0]  # only rows read, each once
+    plain = _table_grads(model, ids, pool_sparse_grads=sparse, pool_fused_reads=False)
+    assert fused.keys() == plain.keys() and {"model.loop.pool.partitions.shared.u", "model.loop.pool.partitions.shared.v"} <= fused.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_table_gradients_survive_two_forwards_before_one_backward_and_activation_checkpointing():
+    """Each forward has its own TableGradients: two losses summed before backward, and a model whose
+    controller layers recompute under activation checkpointing, get the gradients of the plain reads."""
+    model = tiny_model(seed=3, loop_step="block", loop_halting="fixed", pool_partitions={"shared": 1.0})
+    model.train()
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randint(0, model.config.vocab_size, (2, 7), generator=g) for _ in range(2))
+    got = {}
+    for fused in (True, False):
+        model.set_execution(pool_sparse_grads=True, pool_fused_reads=fused)
+        model.zero_grad(set_to_none=True)
+        (model(a, labels=a).loss + 0.5 * model(b, labels=b).loss).backward()
+        got[fused] = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None}
+    for name in got[False]:
+        torch.testing.assert_close(got[True][name], got[False][name], atol=1e-5, rtol=1e-4, msg=name)
+    # transformers ≥ 5.24 renames it activation_checkpointing_*; the floor release has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable()
+    model.set_execution(pool_sparse_grads=True, pool_fused_reads=True)
+    model.zero_grad(set_to_none=True)
+    model(a, labels=a).loss.backward()
+    ckpt = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in model.named_parameters() if p.grad is not None}
+    disable()
+    model.zero_grad(set_to_none=True)
+    model(a, labels=a).loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ckpt[n], p.grad.to_dense() if p.grad.is_sparse else p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_coalesced_flags_distinct_ordered_rows_and_sums_the_others():
+    from dpsnr.training.pool_optim import coalesced, rows_are_distinct
+
+    vals = torch.arange(8.0).view(4, 2)
+    ordered = torch.sparse_coo_tensor(torch.tensor([[1, 3, 4, 9]]), vals, (10, 2), check_invariants=False)
+    assert not ordered.is_coalesced() and rows_are_distinct(ordered)
+    out = coalesced(ordered)
+    assert out.is_coalesced() and torch.equal(out.to_dense(), ordered.to_dense())
+    assert out._values().data_ptr() == vals.data_ptr()  # no copy
+    repeated = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 9]]), vals, (10, 2), check_invariants=True)
+    assert not rows_are_distinct(repeated)
+    out = coalesced(repeated)
+    assert out.is_coalesced() and out._nnz() == 3 and torch.equal(out.to_dense(), repeated.to_dense())
+
+
+@pytest.mark.parametrize("m", [64, 128, 256, 320, 1024])
+def test_row_topk_equals_torch_topk(m):
+    """The two-pass top-k of the sub-key scores returns what `topk` returns: the same sorted values, and
+    entries holding them (ties included: repeated scores are common in low precision)."""
+    from modeling_dpsnr.retrieval import row_topk
+
+    g = torch.Generator().manual_seed(m)
+    scores = torch.randn(300, 3, m, generator=g)
+    scores[:5] = scores[:5].round()  # many ties
+    for k in (1, 4, 8, 16):
+        ref = scores.topk(k, dim=-1)
+        values, idx = row_topk(scores, k)
+        assert torch.equal(values, ref.values)
+        assert torch.equal(scores.gather(-1, idx), values)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct entries

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
+from .pool_optim import coalesced
 
 logger = logging.get_logger(__name__)
 
@@ -94,7 +95,7 @@ def all_reduce_sparse_grads(params: list[nn.Parameter], group: dist.ProcessGroup
         grad = p.grad if p.grad is not None else _empty_sparse_like(p)
         if not grad.is_sparse:
             raise ValueError(f"all_reduce_sparse_grads: expected a sparse gradient, got a dense one of shape {tuple(grad.shape)}")
-        grad = grad.coalesce()  # sums this rank's duplicates before anything travels
+        grad = coalesced(grad)  # sums this rank's duplicates before anything travels
         if native:
             dist.all_reduce(grad, group=group)
         else:

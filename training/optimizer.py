@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .pool_optim import SparseRowAdam, clip_grad_norm_
+from .pool_optim import SparseRowAdam, clip_grad_norm_, coalesced
 
 
 class ChainedOptimizer(torch.optim.Optimizer):
@@ -103,7 +103,7 @@ def clip_controller_grad_norm(model: nn.Module, pool_param_ids: set[int], max_no
     pool_sq = torch.zeros(())
     for p in sparse:
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()  # once here; SparseRowAdam skips its own dedup for coalesced grads
+            p.grad = coalesced(p.grad)  # once here; SparseRowAdam skips its own dedup for coalesced grads
             pool_sq = pool_sq + p.grad.values().float().pow(2).sum()
         else:
             pool_sq = pool_sq + p.grad.float().pow(2).sum()

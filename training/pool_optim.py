@@ -79,6 +79,32 @@ def segment_sum(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return rows, summed
 
 
+def rows_are_distinct(grad: Tensor) -> bool:
+    """Whether a row-sparse COO gradient already lists each row once, in order: `is_coalesced()`, or
+    strictly increasing row indices. The second test (O(nnz) on the indices only) matters because
+    autograd's gradient accumulation re-wraps a fresh sparse gradient without its coalesced flag:
+    the pool reads' gradients arrive coalesced by construction (modeling_dpsnr/reads.py) but
+    flagged otherwise, and a sort + sum (or `coalesce()`) of ~30k rows × d per table per step is
+    then wasted work."""
+    if grad.is_coalesced():
+        return True
+    if grad.sparse_dim() != 1:
+        return False
+    rows = grad._indices()[0]
+    return rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())
+
+
+def coalesced(grad: Tensor) -> Tensor:
+    """`grad.coalesce()`, without the sort and sum when its rows are already distinct and ordered
+    (`rows_are_distinct`): then the same indices and values, flagged coalesced."""
+    if grad.is_coalesced():
+        return grad
+    if rows_are_distinct(grad):
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad.coalesce()
+
+
 def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """Return ``(rows, grad_rows)``: distinct touched rows (U,) and their summed gradient (U, d).
 
@@ -90,7 +116,7 @@ def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
         return rows, grad.index_select(0, rows)
     if grad.sparse_dim() == 1 and grad.dense_dim() == 1:
         # Row-sparse layout of F.embedding / F.embedding_bag: indices (1, nnz), values (nnz, d).
-        if grad.is_coalesced():
+        if rows_are_distinct(grad):
             return grad._indices()[0], grad._values()
         return segment_sum(grad._indices()[0], grad._values())
     if grad.sparse_dim() == 2:
@@ -337,7 +363,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float) -> T
         if p.grad is None:
             continue
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
+            p.grad = coalesced(p.grad)
             grads.append(p.grad._values())
         else:
             grads.append(p.grad)
