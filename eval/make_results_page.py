@@ -223,6 +223,10 @@ def build(results: Path, page: Path) -> str:
     lines += section_json("Reasoning analytics of the main job's model", results / "reasoning_analytics.json", page,
                           [results / "reasoning_analytics.png"])
     lines += section_json("Pool health of the main job's model", results / "pool_health.json", page, [results / "pool_health.png"])
+    lines += section_json("The main job before `micro` had its hashed n-gram memory (one shared product-key pool only)",
+                          results / "main_job_without_ngram.json", page, [])
+    lines += section_json("Pool health of that model", results / "pool_health_without_ngram.json", page,
+                          [results / "pool_health_without_ngram.png"])
     lines += section_json("The main job with routed halting (`loop_halting=threshold`, the presets' default before the study "
                           "chose every step)", results / "main_job_threshold.json", page, [])
     lines += section_json("Reasoning analytics with routed halting: steps per token class",

@@ -64,9 +64,11 @@ DATASETS = {
 # The base every DPSN-R variant starts from: the micro preset with the first design's loop and pool
 # (token step, ACT, three partitions 70/20/10, RMS query norm, raw keys), as when the study began.
 # The presets have since adopted F (block step, threshold routing, one shared pool, running query
-# norm, unit keys); pinning the base keeps a variant's name meaning what its records measured.
+# norm, unit keys) and micro a hashed n-gram partition; pinning the base keeps a variant's name
+# meaning what its records measured.
 FIRST_DESIGN = dict(loop_step="token", loop_halting="act", pool_query_norm="rms", pool_key_norm="none",
-                    pool_partitions={"knowledge": 0.7, "reasoning": 0.2, "grammar": 0.1})
+                    pool_partitions={"knowledge": 0.7, "reasoning": 0.2, "grammar": 0.1}, pool_size=65536,
+                    pool_partition_retrieval=None, ngram_prelude_partition=None, loop_phase_schedule=None)
 
 # variant → (kind, config overrides on FIRST_DESIGN, or dense layers).
 VARIANTS: dict[str, tuple[str, dict]] = {

@@ -24,6 +24,20 @@ import copy
 # the first design, so configs saved before these fields existed load as they were trained.
 BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
 SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="running", pool_key_norm="unit")
+# micro only (the main job's preset): a hashed n-gram partition of a quarter of the product-key
+# entries, looked up from the last 2 and 3 token ids and read once in the prelude (hashed.py).
+# Measured on micro (study row F-fixed4-hashed, 716,800 tokens, two seeds on TinyStories):
+# held-out perplexity -8 % TinyStories, -5 % WikiText-2, and the product-key rows read rise
+# (56 % -> 65 % TinyStories). The larger presets keep a pool that any input can query: this
+# partition needs input_ids (it hashes them), so inputs_embeds-only calls (e.g. PEFT prompt
+# tuning) would fail on it; it is one config override away (`hashed_prelude(pool_size)`).
+def hashed_prelude(product_key_entries: int) -> dict:
+    """Config fields that add a hashed n-gram partition of product_key_entries / 4 rows, read in the
+    prelude, beside one shared product-key pool of `product_key_entries` rows."""
+    return dict(pool_size=product_key_entries * 5 // 4, pool_partitions={"shared": 0.8, "ngram": 0.2},
+                pool_partition_retrieval={"ngram": "hashed_ngram"}, ngram_prelude_partition="ngram",
+                loop_phase_schedule=["shared"] * 4)
+
 
 PRESETS: dict[str, dict] = {
     # For tests: builds and runs in milliseconds on CPU.
@@ -33,12 +47,13 @@ PRESETS: dict[str, dict] = {
         pool_size=4096, pool_heads=2, pool_topk=4, pool_key_dim=32, loop_max_steps=4,
         **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
     ),
-    # CPU demo: d 256, 4 blocks, a 4096-token BPE trained on TinyStories, ~65k neuron entries.
+    # CPU demo: d 256, 4 blocks, a 4096-token BPE trained on TinyStories, 65,536 neuron entries read by
+    # product keys and 16,384 hashed n-gram rows read in the prelude.
     "micro": dict(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_prelude_layers=2,
         num_attention_heads=4, max_position_embeddings=512,
-        pool_size=65536, pool_heads=4, pool_topk=8, pool_key_dim=64, loop_max_steps=4,
-        **BLOCK_LOOP, **SHARED_PRODUCT_KEYS,
+        pool_heads=4, pool_topk=8, pool_key_dim=64, loop_max_steps=4,
+        **BLOCK_LOOP, **{**SHARED_PRODUCT_KEYS, **hashed_prelude(65536)},
     ),
     # d 512, 4 blocks, 8 heads, GPT-2 vocabulary, 100,000 neuron entries in one shared pool (the
     # design's 70/20/10 split is `pool_partitions`; the study measured the shared pool better), 8 steps.
@@ -78,7 +93,7 @@ PRESETS: dict[str, dict] = {
 # Measured by `dpsnr presets` (total, active per token at max steps).
 MEASURED: dict[str, tuple[int, int]] = {
     "debug": (668_544, 115_584),  # 0.7M total, 0.12M active
-    "micro": (38_474_112, 3_936_640),  # 38.5M total (33.6M pool), 3.94M active
+    "micro": (42_800_264, 4_070_536),  # 42.8M total (33.6M product-key pool, 4.2M hashed n-gram rows), 4.07M active
     "tiny": (142_722_560, 14_853_120),  # 142.7M total (102.4M pool), 14.85M active
     "small": (1_712_475_136, 64_051_456),  # 1.71B total (1.61B pool), 64.1M active
     "base": (8_858_499_584, 219_198_976),  # 8.86B total (8.59B pool), 219.2M active
@@ -95,7 +110,7 @@ MEASURED: dict[str, tuple[int, int]] = {
 # `tests/test_storage.py` recomputes the bytes and shard counts from the presets.
 POOL_STORAGE: dict[str, dict] = {
     "debug": dict(pool_bytes_16bit=1_048_576, shards=1, machine="any CPU; tests"),
-    "micro": dict(pool_bytes_16bit=67_108_864, shards=1, machine="any CPU, 1 GB RAM"),
+    "micro": dict(pool_bytes_16bit=75_497_472, shards=1, machine="any CPU, 1 GB RAM"),
     "tiny": dict(pool_bytes_16bit=204_800_000, shards=1, machine="any CPU, 4 GB RAM; trains on one GPU or CPU"),
     "small": dict(pool_bytes_16bit=3_221_225_472, shards=1,
                   machine="inference: 8 GB RAM; training: 16 GB accelerator or 32 GB host RAM"),

@@ -312,6 +312,8 @@ def test_card_describes_the_loop_the_config_builds():
     micro = " ".join(architecture_lines(DPSNRConfig.from_preset("micro")))
     assert "shared transformer block" in micro and "all 4 steps" in micro and "ACT" not in micro
     assert "running statistics" in micro and "unit length" in micro
+    assert "partition ngram (16,384 rows) is read once in the prelude" in micro and "`input_ids`" in micro
+    assert "Hashed n-gram" not in " ".join(architecture_lines(DPSNRConfig.from_preset("tiny")))
     routed = " ".join(architecture_lines(DPSNRConfig.from_preset("micro", loop_halting="threshold")))
     assert "router" in routed and "2.50 steps on average" in routed
     first = " ".join(architecture_lines(DPSNRConfig()))

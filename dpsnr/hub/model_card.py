@@ -214,7 +214,8 @@ def architecture_lines(config: DPSNRConfig) -> list[str]:
     retrieval = c.retrieval_kind.describe(c)
     sizes = c.partition_sizes()
     parts = ", ".join(f"{name} {sizes[name]:,}" for name in sorted(sizes, key=lambda n: -sizes[n]))
-    return [
+    hashed = [name for name in sizes if c.partition_retrieval(name) == "hashed_ngram"]
+    lines = [
         f"Controller: {c.num_hidden_layers} pre-norm decoder blocks (d={c.hidden_size}, {c.num_attention_heads} attention "
         f"heads, {c.num_key_value_heads} key/value heads, SwiGLU {c.intermediate_size}, RoPE, RMSNorm), "
         f"{c.num_prelude_layers} before the reasoning loop and {c.num_coda_layers} after it, so the last blocks' "
@@ -222,11 +223,21 @@ def architecture_lines(config: DPSNRConfig) -> list[str]:
         f"Reasoning loop: up to {c.loop_max_steps} steps (at least {c.loop_min_steps}); {_step_words(c)}; step s reads "
         f"partition {' → '.join(c.loop_phase_schedule)}, and the state is updated by a gated sum of what "
         f"{c.pool_heads} heads retrieved. {_halting_words(c)} A halted token costs nothing more.",
-        f"Pool: {c.pool_size:,} entries in partitions {parts}; entries are {entry}.",
+        f"Pool: {c.pool_size:,} entries in partitions {parts}; "
+        + (f"entries are {entry}." if not hashed else f"entries of {', '.join(n for n in sizes if n not in hashed)} are {entry}."),
         f"Retrieval: {retrieval}{_norm_words(c)}.",
-        "Outputs add `reasoning_steps`, `halting_probs` and `active_params` per token, and `lm_loss` / `ponder_loss` "
-        "when labels are given.",
     ]
+    for name in hashed:
+        where = (f"read once in the prelude after block {c.ngram_prelude_layer}" if name == c.ngram_prelude_partition
+                 else "read by the loop steps that name it")
+        orders = " and ".join(str(o) for o in c.ngram_orders)
+        lines.append(f"Hashed n-gram memory (after Engram, DeepSeek 2026): partition {name} ({sizes[name]:,} rows) is {where}, "
+                     f"at {c.ngram_slots} rows per token hashed from the last {orders} token ids and gated by the state. "
+                     "Its rows follow from the ids alone, so the model needs `input_ids`: calls with `inputs_embeds` only "
+                     "raise an error.")
+    lines.append("Outputs add `reasoning_steps`, `halting_probs` and `active_params` per token, and `lm_loss` / `ponder_loss` "
+                 "when labels are given.")
+    return lines
 
 
 def storage_lines(inputs: CardInputs, preset_exact: bool) -> list[str]:
