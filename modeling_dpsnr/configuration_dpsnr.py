@@ -132,7 +132,9 @@ class DPSNRConfig(PreTrainedConfig):
         loop_max_steps (`int`, 8): most reasoning steps per token (the last step always halts).
         loop_min_steps (`int`, 1): fewest steps; the halting head is not consulted before it.
         loop_phase_schedule (`list[str]`, None → derived): the partition read at each step,
-            length `loop_max_steps`, every name a key of `pool_partitions`.
+            length `loop_max_steps`, every name a key of `pool_partitions`. Derived: the steps shared
+            over the partitions in order (the design's 2/4/2 for its three), leaving out
+            `ngram_prelude_partition` (read in the prelude; name it here to read it in the loop too).
         loop_step (`str`, "token"): what one step computes (reasoning.py). "token": a gated pool read
             on the token's own state (no attention, no cache). "block": a shared transformer block
             whose MLP is the pool read, so attention at each depth sees the sequence (recurrent
@@ -276,7 +278,10 @@ class DPSNRConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_pool()
         if self.loop_phase_schedule is None and is_int(self.loop_max_steps) and self.loop_max_steps > 0:
-            self.loop_phase_schedule = derive_phase_schedule(list(self.pool_partitions), self.loop_max_steps)
+            # A partition the prelude reads (ngram_prelude_partition) is not laid into the loop unless the
+            # schedule names it: the loop's steps go to the others (all of them if it is the only one).
+            loop_parts = [p for p in self.pool_partitions if p != self.ngram_prelude_partition] or list(self.pool_partitions)
+            self.loop_phase_schedule = derive_phase_schedule(loop_parts, self.loop_max_steps)
         self._check_loop()
         super().__post_init__(**kwargs)
 

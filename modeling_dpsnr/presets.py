@@ -33,10 +33,10 @@ SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="run
 # tuning) would fail on it; it is one config override away (`hashed_prelude(pool_size)`).
 def hashed_prelude(product_key_entries: int) -> dict:
     """Config fields that add a hashed n-gram partition of product_key_entries / 4 rows, read in the
-    prelude, beside one shared product-key pool of `product_key_entries` rows."""
+    prelude, beside one shared product-key pool of `product_key_entries` rows that every loop step
+    reads (the derived schedule leaves the prelude's partition out, at any loop_max_steps)."""
     return dict(pool_size=product_key_entries * 5 // 4, pool_partitions={"shared": 0.8, "ngram": 0.2},
-                pool_partition_retrieval={"ngram": "hashed_ngram"}, ngram_prelude_partition="ngram",
-                loop_phase_schedule=["shared"] * 4)
+                pool_partition_retrieval={"ngram": "hashed_ngram"}, ngram_prelude_partition="ngram")
 
 
 PRESETS: dict[str, dict] = {

@@ -22,7 +22,9 @@ from conftest import assert_causal, assert_drivers_agree, greedy_without_cache, 
 V = 97
 ROOT = Path(__file__).resolve().parents[1]
 # knowledge: product keys; grammar: hashed n-grams, read by the loop's last step and in the prelude
-MIXED = dict(pool_partition_retrieval={"grammar": "hashed_ngram"}, ngram_heads=2, ngram_prelude_partition="grammar")
+# grammar is hashed, read in the prelude and (named in the schedule) at the loop's last step too
+MIXED = dict(pool_partition_retrieval={"grammar": "hashed_ngram"}, ngram_heads=2, ngram_prelude_partition="grammar",
+             loop_phase_schedule=["knowledge", "reasoning", "reasoning", "grammar"])
 # one hashed partition only, read at every step
 HASHED = dict(pool_retrieval="hashed_ngram", pool_partitions={"mem": 1.0}, pool_size=400, ngram_heads=2)
 

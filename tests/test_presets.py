@@ -35,3 +35,14 @@ def test_debug_preset_runs_on_cpu():
     # active parameters reported per token equal the cost model of the preset file
     _, active_max = model.count_parameters()
     assert int(out.active_params.max()) <= active_max
+
+
+def test_micro_takes_any_loop_depth_and_reads_its_ngram_memory_only_in_the_prelude():
+    """micro's hashed n-gram partition is the prelude's: the derived loop schedule leaves it out at every depth
+    (a fixed 4-step schedule in the preset made `loop_max_steps` overrides fail)."""
+    for steps in (1, 2, 4, 6):
+        cfg = DPSNRConfig.from_preset("micro", loop_max_steps=steps)
+        assert cfg.loop_phase_schedule == ["shared"] * steps
+        assert cfg.ngram_prelude_partition == "ngram" and cfg.partition_sizes() == {"shared": 65536, "ngram": 16384}
+    named = DPSNRConfig.from_preset("micro", loop_phase_schedule=["shared", "ngram", "shared", "ngram"])
+    assert named.loop_phase_schedule == ["shared", "ngram", "shared", "ngram"]  # still readable in the loop when named
