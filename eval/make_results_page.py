@@ -229,6 +229,7 @@ def build(results: Path, page: Path) -> str:
                           [results / "pool_health_without_ngram.png"])
     lines += section_json("The main job with routed halting (`loop_halting=threshold`, the presets' default before the study "
                           "chose every step)", results / "main_job_threshold.json", page, [])
+    lines += section_json("The main job with a fixed 2-step loop (`loop_max_steps=2`)", results / "main_job_fixed2.json", page, [])
     lines += section_json("The main job with routed halting, before `micro` had its n-gram memory",
                           results / "main_job_threshold_without_ngram.json", page, [])
     lines += section_json("Reasoning analytics of that model", results / "reasoning_analytics_threshold_without_ngram.json", page,
