@@ -26,6 +26,10 @@ a sparse COO tensor with sparse gradients, else the rows added into a dense zero
     backward  per chunk: g_coef = v[idx_c]·g_out_c,  g_dots = w·act'(dots)·g_coef,  g_x = Σ g_dots·U_c,
               g_w = act(dots)·g_coef;  after the forward's last read: g_u[row] = Σ g_dots·x,  g_v[row] = Σ coef·g_out
 
+Value entries take the same route in training (`_ValueRead`: `embedding_bag` forward, the weights'
+gradient by chunked row dots, the table's gradient summed once per forward): micro with value entries
+trains 1.36× faster than with per-read gradients (900 vs 660 tokens/s, same process, 1 thread).
+
 The plain read stays the reference; tests/test_pool.py checks outputs and every gradient against it.
 """
 
@@ -238,7 +242,23 @@ class EntryTables(nn.Module):
 # ---------------------------------------------------------------------------- entry kinds
 def read_values(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, read: PoolRead) -> torch.Tensor:
     """Σ_j coef[n, j] · v[idx[n, j]] → (n, d) in x's device and dtype; idx, coef (n, J) where the tables are."""
+    if part.fused_reads and not read.static and part.row_gather is None and part.v.device == x.device:
+        # embedding_bag forward; the table's gradient summed once per forward like the neuron read's
+        grads = _table_gradients(part, read, (part.v,))
+        v = part.v if grads is None else grads.tapped[0]
+        return _ValueRead.apply(v, idx, coef.to(x.dtype), part.sparse_grads, grads).to(x.dtype)
     return part.row_sum(part.v, idx, coef, read).to(x.device, x.dtype)
+
+
+def _table_gradients(part: EntryTables, read: PoolRead, tables: tuple[torch.Tensor, ...]) -> TableGradients | None:
+    """The partition's TableGradients of this forward (made at its first read), or None when each read
+    returns its own gradient (no training forward, or no table needs one)."""
+    if read.table_grads is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in tables):
+        return None
+    grads = read.table_grads.get(part.name)
+    if grads is None:
+        grads = read.table_grads[part.name] = TableGradients(tables, part.sparse_grads)
+    return grads
 
 
 def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, read: PoolRead) -> torch.Tensor:
@@ -246,11 +266,7 @@ def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: to
     if part.fused_reads and not read.static and part.row_gather is None and part.v.device == x.device:
         # Chunked read that never materialises the gathered rows; the plain one below is its reference,
         # and the static driver's (it lowers on XLA).
-        grads = None
-        if read.table_grads is not None and torch.is_grad_enabled() and (part.u.requires_grad or part.v.requires_grad):
-            grads = read.table_grads.get(part.name)
-            if grads is None:
-                grads = read.table_grads[part.name] = TableGradients((part.u, part.v), part.sparse_grads)
+        grads = _table_gradients(part, read, (part.u, part.v))
         if grads is None:
             return neuron_read(part.u, part.v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads)
         u, v = grads.tapped
@@ -332,6 +348,41 @@ class _NeuronRead(torch.autograd.Function):
                 if part is not None:
                     g_tables[i] = _as_table_grad(table, rows, row_sums(slot, rows.shape[0], *part), ctx.sparse)
         return g_tables[0], g_tables[1], None, g_w, g_x, None, None, None
+
+
+class _ValueRead(torch.autograd.Function):
+    """Σ_j w[n, j] · v[idx[n, j]]: `embedding_bag` forward; backward g_w = v[idx]·g_out in cache-sized
+    chunks, and v's gradient (row idx[n, j] gets w[n, j] · g_out[n]) summed per distinct row, here or,
+    with shared TableGradients, once for every read of the forward."""
+
+    @staticmethod
+    def forward(ctx, v, idx, weights, sparse, grads):
+        out = F.embedding_bag(idx, v, per_sample_weights=weights.to(v.dtype), mode="sum")
+        ctx.save_for_backward(v, idx, weights)
+        ctx.sparse, ctx.grads = sparse, grads
+        ctx.read = grads.record(idx) if grads is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, idx, weights = ctx.saved_tensors
+        n, J = idx.shape
+        grad_out = grad_out.contiguous()
+        g_w = None
+        if ctx.needs_input_grad[2]:
+            g_w = torch.empty_like(weights)
+            g = grad_out.to(weights.dtype)
+            for a, b in _chunks(n, J, v.shape[1]):
+                g_w[a:b] = torch.bmm(F.embedding(idx[a:b], v).to(g.dtype), g[a:b].unsqueeze(-1)).squeeze(-1)
+        g_v = None
+        if ctx.needs_input_grad[0]:
+            part = (weights, grad_out.to(weights.dtype))
+            if ctx.grads is not None and ctx.read is not None:
+                ctx.grads.add(ctx.read, (part,))
+            else:
+                rows, slot = idx.reshape(-1).unique(return_inverse=True)
+                g_v = _as_table_grad(v, rows, row_sums(slot, rows.shape[0], *part), ctx.sparse)
+        return g_v, None, g_w, None, None
 
 
 def _as_table_grad(table: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor, sparse: bool) -> torch.Tensor:

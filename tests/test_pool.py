@@ -232,14 +232,15 @@ def test_unit_keys_make_scores_independent_of_key_norm():
 
 
 # ---------------------------------------------------------------------------- fused neuron reads
+@pytest.mark.parametrize("entry", ["neuron", "value"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_fused_neuron_read_equals_the_plain_read_including_every_gradient(sparse, monkeypatch):
+def test_fused_read_equals_the_plain_read_including_every_gradient(entry, sparse, monkeypatch):
     import modeling_dpsnr.reads as reads
 
     monkeypatch.setattr(reads, "CHUNK_FLOATS", 3 * 6 * 32)  # several chunks, the last one partial
     outs, grads = [], []
     for fused in (True, False):
-        cfg, part = _partition("neuron", seed=3)
+        cfg, part = _partition(entry, seed=3)
         part.sparse_grads, part.fused_reads = sparse, fused
         x = torch.randn(11, cfg.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True)
         out, _ = part(x, x)
@@ -247,9 +248,9 @@ def test_fused_neuron_read_equals_the_plain_read_including_every_gradient(sparse
         outs.append(out)
         grads.append({"x": x.grad, **{n: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in part.named_parameters()}})
         if sparse:
-            assert part.u.grad.is_sparse and part.v.grad.is_sparse
+            assert all(t.grad.is_sparse for t in part.entry_tables().values())
         if sparse and fused:  # built coalesced: one row per distinct entry read
-            assert part.u.grad._nnz() == part.u.grad.coalesce()._nnz() == part.v.grad._nnz()
+            assert part.v.grad._nnz() == part.v.grad.coalesce()._nnz()
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -308,24 +309,25 @@ def _table_grads(model, ids, **execution):
     return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loop_step", ["token", "block"])
+@pytest.mark.parametrize("entry, loop_step", [("neuron", "token"), ("neuron", "block"), ("value", "block")])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_tables_read_at_every_step_get_one_gradient_equal_to_the_per_read_sum(loop_step, sparse):
+def test_tables_read_at_every_step_get_one_gradient_equal_to_the_per_read_sum(entry, loop_step, sparse):
     """Training forwards sum each table's gradient over all loop steps once (reads.TableGradients); it must
     equal what autograd sums from per-read gradients (the plain, unfused reads), for every parameter, and a
     sparse one must list each read row once, in order (so the optimizer skips its sort)."""
     from dpsnr.training.pool_optim import rows_are_distinct
 
-    model = tiny_model(seed=1, loop_step=loop_step, loop_halting="fixed", pool_partitions={"shared": 1.0})
+    model = tiny_model(seed=1, loop_step=loop_step, loop_halting="fixed", pool_partitions={"shared": 1.0}, pool_entry=entry)
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     fused = _table_grads(model, ids, pool_sparse_grads=sparse, pool_fused_reads=True)
     if sparse:
-        u = model.pool["shared"].u.grad
-        assert u.is_sparse and rows_are_distinct(u)
-        assert u._nnz() == u.coalesce()._nnz() < u.shape[0]  # only rows read, each once
+        v = model.pool["shared"].v.grad
+        assert v.is_sparse and rows_are_distinct(v)
+        assert v._nnz() == v.coalesce()._nnz() < v.shape[0]  # only rows read, each once
     plain = _table_grads(model, ids, pool_sparse_grads=sparse, pool_fused_reads=False)
-    assert fused.keys() == plain.keys() and {"model.loop.pool.partitions.shared.u", "model.loop.pool.partitions.shared.v"} <= fused.keys()
+    tables = {f"model.loop.pool.partitions.shared.{t}" for t in model.pool["shared"].table_names}
+    assert fused.keys() == plain.keys() and tables <= fused.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
