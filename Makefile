@@ -24,7 +24,7 @@ venv: $(BIN)/.installed
 test: venv
 	$(BIN)/python -m pytest -q
 
-# The main job: train `micro` on the bundled TinyStories data (~10 min on 2 CPU cores), report the
+# The main job: train `micro` on the bundled TinyStories data (~20 min on 2 shared CPU cores), report the
 # held-out loss, save a loadable model folder in runs/micro-tinystories and print a sample story.
 demo: venv
 	$(BIN)/dpsnr train --config configuration/recipes/micro-tinystories.yaml
