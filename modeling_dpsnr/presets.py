@@ -26,11 +26,11 @@ BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
 SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="running", pool_key_norm="unit")
 # micro only (the main job's preset): a hashed n-gram partition of a quarter of the product-key
 # entries, looked up from the last 2 and 3 token ids and read once in the prelude (hashed.py).
-# Measured on micro (study row F-fixed4-hashed, 716,800 tokens, two seeds on TinyStories):
-# held-out perplexity -8 % TinyStories, -5 % WikiText-2, and the product-key rows read rise
-# (56 % -> 65 % TinyStories). The larger presets keep a pool that any input can query: this
-# partition needs input_ids (it hashes them), so inputs_embeds-only calls (e.g. PEFT prompt
-# tuning) would fail on it; it is one config override away (`hashed_prelude(pool_size)`).
+# Measured on micro (study row F-fixed4-hashed, 716,800 tokens, seeds 42 and 7): held-out
+# perplexity -9.5 % TinyStories, -7.9 % WikiText-2, and the product-key rows read rise
+# (56 % -> 65 % TinyStories); the main job 35.23 -> 30.64. The larger presets keep a pool that
+# any input can query: this partition needs input_ids (it hashes them), so inputs_embeds-only
+# calls (e.g. PEFT prompt tuning) would fail on it; it is one override away (`hashed_prelude(N)`).
 def hashed_prelude(product_key_entries: int) -> dict:
     """Config fields that add a hashed n-gram partition of product_key_entries / 4 rows, read in the
     prelude, beside one shared product-key pool of `product_key_entries` rows that every loop step
