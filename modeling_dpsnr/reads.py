@@ -73,8 +73,8 @@ class TableGradients:
     """The entry-table gradients of one forward's reads of one partition, summed once.
 
     A partition is read once per loop step; with a gradient per read, autograd adds 4 sparse (or dense,
-    pool-sized) gradients per table and the optimizer coalesces their sum: measured, ~3/4 of the reads'
-    backward time. Here the tables enter the graph once per forward through `_TapTables`, whose outputs
+    pool-sized) gradients per table and the optimizer coalesces their sum: in a profile of micro's
+    training step, most of the reads' backward time. Here the tables enter the graph once per forward through `_TapTables`, whose outputs
     every read uses. Each read's backward leaves its part in factored form, row j of token n getting
     coef[n, j] · src[n] (neuron entries: u gets act'-weighted dots × x, v gets the coefficients × the
     output gradient), and after the last read the tap sums all of them per distinct row in one
@@ -296,18 +296,31 @@ def _chunks(n: int, J: int, d: int):
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def _row_dots(table: torch.Tensor, idx: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+    """(n, J) dots table[idx[n, j]] · vecs[n], the rows gathered a cache-sized chunk at a time."""
+    n, J = idx.shape
+    out = vecs.new_empty(n, J)
+    for a, b in _chunks(n, J, table.shape[1]):
+        out[a:b] = torch.bmm(F.embedding(idx[a:b], table).to(vecs.dtype), vecs[a:b].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _own_table_grads(tables, idx: torch.Tensor, parts, sparse: bool) -> list[torch.Tensor | None]:
+    """One read's gradient of each table (None where its part is None): row idx[n, j] gets
+    coef[n, j] · src[n] for part (coef, src), one row per distinct entry."""
+    if all(part is None for part in parts):
+        return [None] * len(parts)
+    rows, slot = idx.reshape(-1).unique(return_inverse=True)  # (U,), (n·J,)
+    return [None if part is None else _as_table_grad(table, rows, row_sums(slot, rows.shape[0], *part), sparse)
+            for table, part in zip(tables, parts)]
+
+
 class _NeuronRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, v, idx, weights, x, act, sparse, grads):
-        n, J = idx.shape
-        d = u.shape[1]
-        out = x.new_empty(n, d)
-        dots = x.new_empty(n, J)  # (n, J) u·x, kept for backward (small)
-        for a, b in _chunks(n, J, d):
-            rows = F.embedding(idx[a:b], u).to(x.dtype)  # (c, J, d), in cache (tables may be fp16 on disk)
-            dots[a:b] = torch.bmm(rows, x[a:b].unsqueeze(-1)).squeeze(-1)
-            coef = weights[a:b] * act(dots[a:b])
-            out[a:b] = F.embedding_bag(idx[a:b], v, per_sample_weights=coef.to(v.dtype), mode="sum").to(x.dtype)
+        # u·x (n, J), kept for backward (small); rows gathered in cache (tables may be fp16 on disk)
+        dots = _row_dots(u, idx, x)
+        out = F.embedding_bag(idx, v, per_sample_weights=(weights * act(dots)).to(v.dtype), mode="sum").to(x.dtype)
         ctx.save_for_backward(u, v, idx, weights, x, dots)
         ctx.act, ctx.sparse = act, sparse
         ctx.grads, ctx.read = grads, (grads.record(idx) if grads is not None else None)
@@ -322,10 +335,8 @@ class _NeuronRead(torch.autograd.Function):
             dots_ = dots.detach().requires_grad_()
             acted = ctx.act(dots_)
         grad_out = grad_out.contiguous()
-        g_coef = torch.empty_like(dots)
+        g_coef = _row_dots(v, idx, grad_out.to(dots.dtype))  # (n, J)
         g_x = torch.empty_like(x) if ctx.needs_input_grad[4] else None
-        for a, b in _chunks(n, J, d):
-            g_coef[a:b] = torch.bmm(F.embedding(idx[a:b], v).to(grad_out.dtype), grad_out[a:b].unsqueeze(-1)).squeeze(-1)
         g_w = acted.detach() * g_coef if ctx.needs_input_grad[3] else None
         (g_dots,) = torch.autograd.grad(acted, dots_, weights * g_coef)  # (n, J)
         coef = weights * acted.detach()  # (n, J)
@@ -340,13 +351,8 @@ class _NeuronRead(torch.autograd.Function):
         if ctx.grads is not None and ctx.read is not None:
             ctx.grads.add(ctx.read, parts)
             return None, None, None, g_w, g_x, None, None, None
-        g_tables = [None, None]
-        if want_u or want_v:
-            rows, slot = idx.reshape(-1).unique(return_inverse=True)  # (U,), (n·J,)
-            for i, (table, part) in enumerate(zip((u, v), parts)):
-                if part is not None:
-                    g_tables[i] = _as_table_grad(table, rows, row_sums(slot, rows.shape[0], *part), ctx.sparse)
-        return g_tables[0], g_tables[1], None, g_w, g_x, None, None, None
+        g_u, g_v = _own_table_grads((u, v), idx, parts, ctx.sparse)
+        return g_u, g_v, None, g_w, g_x, None, None, None
 
 
 class _ValueRead(torch.autograd.Function):
@@ -365,23 +371,13 @@ class _ValueRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         v, idx, weights = ctx.saved_tensors
-        n, J = idx.shape
-        grad_out = grad_out.contiguous()
-        g_w = None
-        if ctx.needs_input_grad[2]:
-            g_w = torch.empty_like(weights)
-            g = grad_out.to(weights.dtype)
-            for a, b in _chunks(n, J, v.shape[1]):
-                g_w[a:b] = torch.bmm(F.embedding(idx[a:b], v).to(g.dtype), g[a:b].unsqueeze(-1)).squeeze(-1)
-        g_v = None
-        if ctx.needs_input_grad[0]:
-            part = (weights, grad_out.to(weights.dtype))
-            if ctx.grads is not None and ctx.read is not None:
-                ctx.grads.add(ctx.read, (part,))
-            else:
-                rows, slot = idx.reshape(-1).unique(return_inverse=True)
-                g_v = _as_table_grad(v, rows, row_sums(slot, rows.shape[0], *part), ctx.sparse)
-        return g_v, None, g_w, None, None
+        g = grad_out.contiguous().to(weights.dtype)
+        g_w = _row_dots(v, idx, g) if ctx.needs_input_grad[2] else None
+        part = (weights, g) if ctx.needs_input_grad[0] else None
+        if ctx.grads is not None and ctx.read is not None:
+            ctx.grads.add(ctx.read, (part,))
+            return None, None, g_w, None, None
+        return _own_table_grads((v,), idx, (part,), ctx.sparse)[0], None, g_w, None, None
 
 
 def _as_table_grad(table: torch.Tensor, rows: torch.Tensor, summed: torch.Tensor, sparse: bool) -> torch.Tensor:

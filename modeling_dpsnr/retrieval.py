@@ -36,10 +36,10 @@ from .reads import EAGER_READ, ENTRY_READS, EntryTables, PoolRead, Retrieval
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.topk(k, dim=-1)` (sorted, largest first), the same values and entries, in two cheap passes
     where torch's CPU kernel is slow: rows of 128-511 scores with k > m/64, where it runs an
-    nth_element per row (measured 3.4 µs per row of 256 at k 8; micro's sub-keys). Pass 1 takes the
+    nth_element per row (micro's 256 sub-keys at k 8, the forward's largest single cost). Pass 1 takes the
     max of each of 32 strided groups (element i·32 + g is in group g) and the k groups with the largest
     maxima; the k largest scores lie in those groups (any score outside them is beaten by k group
-    maxima), so pass 2 is a top-k over their k·m/32 scores. 1.8× faster at m 256, k 8, 4,096 rows."""
+    maxima), so pass 2 is a top-k over their k·m/32 scores. tests/test_pool.py checks it against topk."""
     m = scores.shape[-1]
     rows = scores.numel() // max(m, 1)
     groups = 32
@@ -115,7 +115,7 @@ class ProductKeyRetriever(nn.Module):
     def unit_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sub-keys scaled to unit norm. Without autograd (decoding, evaluation) kept until a sub-key
         changes (an in-place update bumps the tensor's version): decoding reads the pool at every
-        step of every token, and normalising 2·H·√N keys each time was ~10 % of a decode step."""
+        step of every token, and would otherwise normalise 2·H·√N keys each time."""
         k1, k2 = self.sub_keys1, self.sub_keys2
         if torch.is_grad_enabled() and (k1.requires_grad or k2.requires_grad):
             return F.normalize(k1, dim=-1), F.normalize(k2, dim=-1)
