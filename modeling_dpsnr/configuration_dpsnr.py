@@ -26,7 +26,7 @@ POOL_QUERY_NORMS = ("rms", "layer", "running")  # norms.QUERY_NORMS
 POOL_KEY_NORMS = ("none", "unit")
 POOL_BALANCES = ("none", "bias")
 POOL_QUERY_INPUTS = ("state+token", "state")
-LOOP_HALTINGS = ("act", "fixed", "threshold")  # halting.POLICIES
+LOOP_HALTINGS = ("act", "fixed", "threshold", "exits")  # halting.POLICIES
 LEGACY_LOOP_HALTINGS = {"none": "fixed"}  # names saved configs may carry
 LOOP_STEPS = ("token", "block")  # reasoning.STEP_KINDS
 DEFAULT_NGRAM_ORDERS = [2, 3]  # Engram (DeepSeek 2026) reads 2- and 3-grams
@@ -142,15 +142,22 @@ class DPSNRConfig(PreTrainedConfig):
         loop_halting (`str`, "act"): the halting policy (halting.py). "act": Graves (2016) adaptive
             computation time with a ponder cost; "fixed": every token runs `loop_max_steps` and
             keeps its last state ("none" in older configs); "threshold": routed capacity, a router
-            per step lets the share `loop_capacity` of tokens continue through a causal EMA threshold.
+            per step lets the share `loop_capacity` of tokens continue through a causal EMA threshold;
+            "exits": trained exits (Ouro, Zhu et al. 2025): every step is an exit with a learned exit
+            probability, trained on the expected loss over the exits with an entropy bonus (weight
+            `loop_ponder_weight`), every token running every step in training; at inference a token
+            stops at the first step where its exit distribution's CDF reaches `loop_exit_threshold`.
         loop_halt_epsilon (`float`, 0.01): a token halts once its cumulative halting
             probability reaches `1 - loop_halt_epsilon`.
-        loop_ponder_weight (`float`, 0.01): weight of the ponder cost `N + R` added to the loss.
+        loop_ponder_weight (`float`, 0.01): weight of the ponder cost `N + R` added to the loss
+            ("act"), or of the exit distribution's negative entropy ("exits"; Ouro's β).
             Measured on micro at 122,880 tokens (eval/results/compare_ponder.json): 0.01-0.1 leave
             every token at the maximum; 0.3 halts selectively, at a perplexity above a fixed loop
             of as many steps.
         loop_halt_bias_init (`float`, -2.2): initial halting bias; σ(-2.2) ≈ 0.1 so that an
             untrained model runs most steps and every partition receives gradient.
+        loop_exit_threshold (`float`, 0.5): with `loop_halting="exits"`, the CDF of the exit distribution
+            at which a token stops at inference (Ouro's q): lower stops earlier.
         loop_capacity (`list[float]`, None → derived): with `loop_halting="threshold"`, the share of
             tokens that reach each step: non-increasing, 1.0 for the first `loop_min_steps` steps;
             the mean number of steps is its sum. Derived: 1, then 0.6 falling linearly to 0.4
@@ -239,6 +246,7 @@ class DPSNRConfig(PreTrainedConfig):
     loop_halt_epsilon: float = 0.01
     loop_ponder_weight: float = 0.01
     loop_halt_bias_init: float = -2.2
+    loop_exit_threshold: float = 0.5
     loop_capacity: list[float] | None = None
     loop_threshold_momentum: float = 0.2
     # coordinate indexer
@@ -458,6 +466,8 @@ class DPSNRConfig(PreTrainedConfig):
         check_rate("loop_threshold_momentum", self.loop_threshold_momentum)
         if not 0.0 < self.loop_halt_epsilon < 1.0:
             raise ValueError(f"loop_halt_epsilon must be in (0, 1), got {self.loop_halt_epsilon}.")
+        if not (isinstance(self.loop_exit_threshold, (int, float)) and 0.0 < self.loop_exit_threshold < 1.0):
+            raise ValueError(f"loop_exit_threshold must be in (0, 1), got {self.loop_exit_threshold!r}.")
         if not (isinstance(self.loop_ponder_weight, (int, float)) and self.loop_ponder_weight >= 0):
             raise ValueError(f"loop_ponder_weight must be ≥ 0, got {self.loop_ponder_weight!r}.")
         if not isinstance(self.loop_halt_bias_init, (int, float)) or not math.isfinite(self.loop_halt_bias_init):

@@ -21,11 +21,18 @@ that the drivers compact or mask along with the rows.
                    step's update is multiplied by σ(g − τ)/sg[σ(g − τ)] — 1 in the forward, so the
                    router never changes what a token computes, while its gradient is the
                    alignment of the update with the loss gradient: "did this step help?"
+      "exits"      trained exits (Ouro, Zhu et al. 2025): after step s an exit head gives λ_s, so the
+                   token's exit distribution is p_s = λ_s Π_{j<s}(1 − λ_j) (the last step takes the
+                   rest). Training runs every step and the model's loss is Σ_s p_s·CE_s − β·H(p) over
+                   the exits' LM losses (`trains_exits`: the loop hands every step's state on); at
+                   inference a token stops at the first step where Σ_{j≤s} p_j ≥ q. Output h_N.
 
 Shapes: m rows being processed, d hidden size.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -49,6 +56,7 @@ class HaltingPolicy(nn.Module):
     state), and give the same numbers for a row whether it is processed alone or with others."""
 
     has_loss = False  # whether `cost` is a loss term (reported as `ponder_loss`)
+    trains_exits = False  # whether training needs every step's state (the model's loss weighs the exits)
 
     def __init__(self, config: DPSNRConfig):
         super().__init__()
@@ -165,10 +173,48 @@ class ThresholdRouting(HaltingPolicy):
         return q
 
 
+class TrainedExits(HaltingPolicy):
+    """Every step is an exit. `Decision.prob` is the exit probability p_s (with its gradient), so
+    the loop's `halting_probs` is the exit distribution the model's loss weighs the exits with."""
+
+    trains_exits = True
+
+    def __init__(self, config: DPSNRConfig):
+        super().__init__(config)
+        self.threshold = config.loop_exit_threshold  # q: a token stops once its exit CDF reaches it
+        self.norm = nn.LayerNorm(config.hidden_size, elementwise_affine=False, eps=config.rms_norm_eps)
+        self.exit = nn.Linear(config.hidden_size, max(1, self.max_steps - 1))  # one score per step but the last
+        self.exit.is_exit_head = True  # _init_weights: a uniform exit distribution at the start
+
+    def start(self, rows, ref):
+        return {"survive": ref.new_ones(rows, dtype=torch.float32)}  # Π_{j<s}(1 − λ_j)
+
+    def decide(self, s, h_new, state, valid=None):
+        survive = state["survive"]
+        last = self._last(s, h_new)
+        if s == self.max_steps - 1:
+            lam = torch.ones_like(survive)
+        elif s + 1 < self.min_steps:  # no exit before the floor
+            lam = torch.zeros_like(survive)
+        else:
+            lam = torch.sigmoid(self.exit(self.norm(h_new))[:, s].float())  # (m,)
+        prob = survive * lam  # p_s
+        survive = survive * (1.0 - lam)
+        # CDF_s = 1 − Π_{j≤s}(1 − λ_j) ≥ q; training runs every step (each is an exit the loss trains).
+        halts = last if self.training else last | (survive <= 1.0 - self.threshold)
+        return Decision(halts, None, prob, None), {"survive": survive}
+
+    @staticmethod
+    def init_bias(steps: int) -> list[float]:
+        """Exit-head biases giving a uniform exit distribution over `steps` steps: λ_s = 1/(S − s)."""
+        return [math.log(1.0 / (steps - s - 1)) for s in range(max(1, steps - 1))] if steps > 1 else [0.0]
+
+
 POLICIES: dict[str, type[HaltingPolicy]] = {
     "act": ACTHalting,
     "fixed": FixedSteps,
     "threshold": ThresholdRouting,
+    "exits": TrainedExits,
 }
 LEGACY_POLICY_NAMES = {"none": "fixed"}
 
@@ -177,4 +223,5 @@ def build_policy(config: DPSNRConfig) -> HaltingPolicy:
     return POLICIES[config.loop_halting](config)
 
 
-__all__ = ["Decision", "HaltingPolicy", "ACTHalting", "FixedSteps", "ThresholdRouting", "POLICIES", "build_policy"]
+__all__ = ["Decision", "HaltingPolicy", "ACTHalting", "FixedSteps", "ThresholdRouting", "TrainedExits", "POLICIES",
+           "build_policy"]

@@ -31,7 +31,7 @@ from .cache import CACHE_NAME, one_cache, output_cache
 from .configuration_dpsnr import DPSNRConfig
 from .cost import flops_per_token, pool_bytes_per_token
 from .execution import ExecutionMixin, ExecutionPlan, is_exporting, is_tracing
-from .halting import ThresholdRouting
+from .halting import ThresholdRouting, TrainedExits
 from .hashed import NgramPreludeRead, ngram_cache_layer
 from .norms import DPSNRRMSNorm, RunningQueryNorm
 from .outputs import DPSNRCausalLMOutputWithPast, DPSNRModelOutputWithPast, ReasoningStatsCollector
@@ -260,6 +260,9 @@ class DPSNRPreTrainedModel(PoolStorageMixin, ExecutionMixin, PreTrainedModel):
                     # σ(b) ≈ 0.1 so an untrained model runs most steps: earlier implementations
                     # halted at step 1 from init, and later partitions never trained.
                     init.constant_(module.bias, self.config.loop_halt_bias_init)
+                elif getattr(module, "is_exit_head", False):  # trained exits: uniform over the steps
+                    init.copy_(module.bias, torch.tensor(TrainedExits.init_bias(self.config.loop_max_steps),
+                                                         dtype=module.bias.dtype))
                 else:
                     init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -415,6 +418,15 @@ class DPSNRModel(DPSNRPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
+        exit_hidden = None
+        if loop.step_states is not None:  # trained exits: the coda and norm on every earlier step's state too
+            exit_hidden = []
+            for state in loop.step_states[:-1]:
+                for block in self.layers[num_prelude:]:
+                    state, _ = block(state, attention_mask=causal_mask, position_embeddings=position_embeddings,
+                                     position_ids=position_ids, **{CACHE_NAME: None}, **kwargs)
+                exit_hidden.append(self.norm(state))
+            exit_hidden = (*exit_hidden, hidden_states)
 
         output = DPSNRModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -423,6 +435,7 @@ class DPSNRModel(DPSNRPreTrainedModel):
             reasoning_steps=loop.steps,
             halting_probs=loop.halting_probs,
             ponder_cost=loop.ponder_cost,
+            exit_hidden_states=exit_hidden,
             active_params=self.active_params_base() + self.loop.entries_read(loop.steps) + self.prelude_reads("params"),
             **{CACHE_NAME: cache if use_cache else None},
         )
@@ -537,12 +550,15 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                num_items_in_batch=num_items_in_batch, **kwargs,
-            )
-            loss, ponder_loss = self.model.loop.losses(lm_loss, outputs.ponder_cost, labels, num_items_in_batch,
-                                                       self.config.loop_ponder_weight)
+            if outputs.exit_hidden_states is not None:
+                loss, lm_loss, ponder_loss = self._exit_losses(outputs, labels, num_items_in_batch)
+            else:
+                lm_loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                    num_items_in_batch=num_items_in_batch, **kwargs,
+                )
+                loss, ponder_loss = self.model.loop.losses(lm_loss, outputs.ponder_cost, labels, num_items_in_batch,
+                                                           self.config.loop_ponder_weight)
 
         output = DPSNRCausalLMOutputWithPast(
             loss=loss,
@@ -558,6 +574,29 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def _exit_losses(self, outputs: DPSNRModelOutputWithPast, labels: torch.Tensor, num_items_in_batch):
+        """Trained exits (halting.TrainedExits): lm_loss = Σ_s p_s·CE_s, the expected next-token loss
+        over the exits, and ponder_loss = −H(p), both per label token (summed over a batch and divided
+        by `num_items_in_batch` when given, as transformers' causal-LM loss is);
+        loss = lm_loss + loop_ponder_weight · ponder_loss."""
+        targets = labels[:, 1:]  # (B, T-1)
+        valid = targets != -100
+        safe = targets.masked_fill(~valid, 0)
+        per_exit = []
+        for h in outputs.exit_hidden_states:  # S × (B, T, d)
+            logp = torch.log_softmax(self.lm_head(h[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+            per_exit.append(-logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, T-1)
+        ce = torch.stack(per_exit, dim=-1)  # (B, T-1, S)
+        p = outputs.halting_probs[:, :-1]  # (B, T-1, S) the exit distribution
+        expected = (p * ce).sum(-1)
+        neg_entropy = (p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        count = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(count):
+            count = count.to(expected.device)
+        lm_loss = torch.where(valid, expected, 0.0).sum() / count
+        ponder_loss = torch.where(valid, neg_entropy, 0.0).sum() / count
+        return lm_loss + self.config.loop_ponder_weight * ponder_loss, lm_loss, ponder_loss
 
     def generate(self, *args, return_reasoning_stats: bool = False, **kwargs):
         """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.

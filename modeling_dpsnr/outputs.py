@@ -24,6 +24,9 @@ class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
     halting_probs: torch.FloatTensor | None = None  # (B, T, loop_max_steps)
     ponder_cost: torch.FloatTensor | None = None  # (B, T)
     active_params: torch.LongTensor | None = None  # (B, T)
+    # loop_halting="exits" in training: the final-norm output of the coda on each step's state,
+    # S × (B, T, d), the last one `last_hidden_state` (the exits the loss trains)
+    exit_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass

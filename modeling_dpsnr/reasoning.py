@@ -50,6 +50,8 @@ class LoopOutput:
     steps: torch.Tensor  # (B, T) int64, N per token (0 for padding skipped in eager mode)
     halting_probs: torch.Tensor  # (B, T, S) p_s, 0 after halting
     ponder_cost: torch.Tensor  # (B, T)  the policy's cost (ACT: ρ = N + R), 0 without one
+    step_states: list[torch.Tensor] | None = None  # S × (B, T, d): every step's state, when training
+    #                                                 a policy whose exits the loss trains (padding: h_0)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class LoopContext:
     cache: object | None = None  # transformers Cache
     cache_layer: int = 0  # cache layer of step 0
     kv: dict | None = None  # per-forward buffers of the block step
+    step_states: list | None = None  # each step's (n, d) state, collected when the policy trains exits
 
 
 # ---------------------------------------------------------------------------- step kinds
@@ -238,12 +241,14 @@ class ReasoningLoop(nn.Module):
             cos = cos.expand(B, T, -1).reshape(B * T, -1)
             sin = sin.expand(B, T, -1).reshape(B * T, -1)
             ctx = LoopContext(read, B, T, cos, sin, attention_mask, cache, self.config.num_hidden_layers)
+        ctx.step_states = [] if self.training and self.policy.trains_exits else None
         hidden, steps, probs, ponder = (self._static if read.static else self._eager)(h, mask, token, ctx)
         return LoopOutput(
             hidden_states=hidden.view(B, T, d),
             steps=steps.view(B, T),
             halting_probs=probs.view(B, T, self.max_steps),
             ponder_cost=ponder.view(B, T),
+            step_states=None if ctx.step_states is None else [x.view(B, T, d) for x in ctx.step_states],
         )
 
     # ------------------------------------------------------------------ eager: running tokens only
@@ -276,6 +281,8 @@ class ReasoningLoop(nn.Module):
             prob_step.append(torch.full_like(running, s))
             prob_val.append(dec.prob)
             halts = dec.halts
+            if ctx.step_states is not None:  # training runs every row every step (TrainedExits)
+                ctx.step_states.append(h_new if mask is None else h0.index_copy(0, running, h_new))
             if step.attends:
                 full = h_new if running.shape[0] == n else full.index_copy(0, running, h_new)
                 ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
@@ -355,6 +362,8 @@ class ReasoningLoop(nn.Module):
             state = {k: v.index_copy(0, sel, torch.where(run, new_state[k], state_sel[k])) for k, v in state.items()}
             h = h.index_copy(0, sel, torch.where(run.unsqueeze(-1), h_new, h_sel))
             running = running.index_copy(0, sel, run & ~halts)
+            if ctx.step_states is not None:
+                ctx.step_states.append(h)
             if step.attends:
                 ctx.kv["state"], ctx.kv["stale"] = h, sel
         hidden = acc if mask is None else torch.where(mask.unsqueeze(-1), acc, h0)

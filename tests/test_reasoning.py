@@ -11,7 +11,7 @@ from modeling_dpsnr.reads import PoolRead
 
 from conftest import assert_causal, assert_drivers_agree, greedy_without_cache, tiny_config, tiny_model
 
-POLICIES = ["act", "fixed", "threshold"]
+POLICIES = ["act", "fixed", "threshold", "exits"]
 STEPS = ["token", "block"]
 
 def _act_reference(p_row, eps, max_steps, min_steps=1):
@@ -74,6 +74,8 @@ def _varied_halting_model(loop_mode="auto", **overrides):
             torch.nn.init.normal_(policy.halt.weight, std=0.5)  # ACT: tokens halt after 1..4 steps
         if hasattr(policy, "router"):
             torch.nn.init.normal_(policy.router.weight, std=0.5)  # routing: scores spread around τ = 0
+        if hasattr(policy, "exit"):
+            torch.nn.init.normal_(policy.exit.weight, std=0.5)  # trained exits: CDFs cross q at different steps
     return model
 
 
@@ -88,7 +90,12 @@ def test_eager_and_static_modes_agree_including_gradients(policy, step_kind):
     mask[0, :4] = 0  # left padding in one row
     outs = assert_drivers_agree(eager, static, ids, mask)
     steps = outs[0].reasoning_steps
-    if policy != "fixed":
+    if policy == "exits":  # training runs every step; at inference tokens stop at different steps
+        inference = [m.eval()(ids, attention_mask=mask) for m in (eager, static)]
+        assert len(inference[0].reasoning_steps[mask.bool()].unique()) > 1, "test needs tokens that halt at different steps"
+        torch.testing.assert_close(inference[0].reasoning_steps, inference[1].reasoning_steps)
+        torch.testing.assert_close(inference[0].logits[mask.bool()], inference[1].logits[mask.bool()], atol=1e-5, rtol=1e-4)
+    elif policy != "fixed":
         assert len(steps[mask.bool()].unique()) > 1, "test needs tokens that halt at different steps"
     torch.testing.assert_close(outs[0].ponder_loss, outs[1].ponder_loss)
     torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-5, rtol=1e-5)
@@ -97,7 +104,7 @@ def test_eager_and_static_modes_agree_including_gradients(policy, step_kind):
 
 
 @pytest.mark.parametrize("step_kind", STEPS)
-@pytest.mark.parametrize("policy", ["act", "threshold"])
+@pytest.mark.parametrize("policy", ["act", "threshold", "exits"])
 def test_compute_follows_halting_in_eager_mode(monkeypatch, policy, step_kind):
     model = _varied_halting_model(loop_mode="eager", loop_halting=policy, loop_step=step_kind).eval()
     pool = model.model.loop.pool
@@ -182,6 +189,61 @@ def test_ponder_and_lm_loss_scale_together_under_gradient_accumulation():
     torch.testing.assert_close(parts[0].ponder_loss + parts[1].ponder_loss, full.ponder_loss, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------- trained exits
+def _exits_model(bias=None, **overrides):
+    """Trained exits with a zero exit head: λ_s = σ(bias_s) for every token (default: the init's uniform p)."""
+    model = tiny_model(loop_halting="exits", **overrides)
+    head = model.model.loop.policy.exit
+    with torch.no_grad():
+        head.weight.zero_()
+        if bias is not None:
+            head.bias.copy_(torch.tensor(bias))
+    return model
+
+
+def test_exits_start_uniform_and_their_loss_is_the_expected_loss_minus_the_entropy_bonus():
+    model = _exits_model(loop_ponder_weight=0.1).train()
+    ids = torch.randint(0, 97, (2, 10))
+    out = model(ids, labels=ids)
+    S = model.config.loop_max_steps
+    # every token runs every step in training, and its exit distribution starts uniform
+    assert (out.reasoning_steps == S).all()
+    torch.testing.assert_close(out.halting_probs, torch.full_like(out.halting_probs, 1.0 / S))
+    torch.testing.assert_close(out.ponder_loss, torch.tensor(-math.log(S)))  # −H(uniform)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.1 * out.ponder_loss)
+    # the exits' losses: mass on the last exit gives a fixed loop's loss (transformers' loss function)
+    last = _exits_model(bias=[-30.0] * (S - 1)).train()
+    fixed = tiny_model(loop_halting="fixed").train()
+    fixed.load_state_dict(last.state_dict(), strict=False)
+    torch.testing.assert_close(last(ids, labels=ids).lm_loss, fixed(ids, labels=ids).lm_loss, atol=1e-5, rtol=1e-5)
+    # the exit head learns from the loss: earlier exits are worse, so mass moves to later ones
+    out.loss.backward()
+    head = model.model.loop.policy.exit
+    assert head.weight.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
+
+
+def test_exits_loss_scales_under_gradient_accumulation():
+    model = _varied_halting_model(loop_halting="exits").train()
+    ids = torch.randint(0, 97, (4, 10))
+    labels = ids.clone()
+    labels[1, 5:] = -100
+    full = model(ids, labels=labels)
+    n_items = int((labels[:, 1:] != -100).sum())
+    parts = [model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=torch.tensor(n_items)) for i in (0, 2)]
+    torch.testing.assert_close(parts[0].lm_loss + parts[1].lm_loss, full.lm_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts[0].ponder_loss + parts[1].ponder_loss, full.ponder_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold, steps", [(0.2, 1), (0.6, 3), (0.9, 4)])
+def test_exits_stop_where_the_exit_cdf_reaches_the_threshold_at_inference(threshold, steps):
+    # uniform p over 4 steps: CDF .25 .5 .75 1
+    model = _exits_model(loop_exit_threshold=threshold).eval()
+    out = model(torch.randint(0, 97, (2, 9)))
+    assert (out.reasoning_steps == steps).all()
+    torch.testing.assert_close(out.halting_probs[..., :steps], torch.full_like(out.halting_probs[..., :steps], 0.25))
+    assert (out.halting_probs[..., steps:] == 0).all()
+
+
 # ---------------------------------------------------------------------------- threshold routing
 def test_threshold_routing_reaches_its_capacity_and_its_router_learns_from_the_loss():
     model = tiny_model(loop_halting="threshold", loop_capacity=[1.0, 0.6, 0.5, 0.4], loop_threshold_momentum=1.0).train()
@@ -239,7 +301,7 @@ def test_block_step_attends_to_the_sequence_at_each_depth():
 
 
 @pytest.mark.parametrize("loop_mode", ["eager", "static"])
-@pytest.mark.parametrize("policy", ["act", "threshold"])
+@pytest.mark.parametrize("policy", ["act", "threshold", "exits"])
 def test_block_step_cached_decoding_equals_uncached_with_tokens_halting_at_different_depths(policy, loop_mode):
     model = _varied_halting_model(loop_mode=loop_mode, loop_step="block", loop_halting=policy).eval()
     ids = torch.randint(0, 97, (2, 11))

@@ -196,6 +196,10 @@ def _halting_words(c: DPSNRConfig) -> str:
                 "depends on the token and its past only.")
     if c.loop_halting == "fixed":
         return f"Every token runs all {c.loop_max_steps} steps."
+    if c.loop_halting == "exits":
+        return (f"Every step is a trained exit (Ouro-style): training runs all {c.loop_max_steps} steps and minimises "
+                f"the expected loss over the exits plus an entropy bonus (β={c.loop_ponder_weight}); at inference a "
+                f"token stops at the first step where its exit distribution's CDF reaches {c.loop_exit_threshold}.")
     return f"Halting follows ACT (Graves 2016, ε={c.loop_halt_epsilon}) with a ponder cost."
 
 
