@@ -36,6 +36,8 @@ COMMANDS: dict[str, Command] = {
                           "dpsnr perplexity --model runs/micro-tinystories --dataset tinystories --max-length 256 --stride 128"),
     "analytics": Command("dpsnr.eval.reasoning_analytics", "reasoning steps per token class, steps vs loss",
                          "dpsnr analytics --model runs/micro-tinystories --dataset tinystories"),
+    "exit-curve": Command("dpsnr.eval.exit_curve", "perplexity vs mean steps as a trained-exit model's threshold moves",
+                          "dpsnr exit-curve --model runs/micro-tinystories-exits --dataset tinystories --split validation"),
     "pool-health": Command("dpsnr.eval.pool_health", "how evenly each pool partition is read",
                            "dpsnr pool-health --model runs/micro-tinystories --dataset tinystories"),
     "generate": Command("dpsnr.eval.generate", "generate text with per-token reasoning statistics",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 LOOP_MODES = ("auto", "eager", "static")
+EXIT_OBJECTIVES = ("expected", "gate")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class ExecutionPlan:
         ("threshold", `loop_capacity`), the static driver gathers ⌈slack · share · rows⌉ rows per step
         instead of running every row masked, so a compiled or XLA loop saves compute too; tokens beyond
         that bound halt where they are (none do while the slack covers the routing). None: every row.
+    exit_objective: what a model with trained exits (`loop_halting="exits"`) learns in training.
+        "expected" (Ouro's first stage): the expected loss over the exits minus the entropy bonus;
+        "gate" (Ouro's second stage): only the exit decisions, each step's exit probability fitted to
+        whether the next step lowers the token's loss by more than `GATE_MARGIN` nats (halting.py);
+        freeze every other parameter (`DPSNRTrainingArguments.exit_gate_stage` does).
     """
 
     loop_mode: str = "auto"
@@ -39,6 +45,7 @@ class ExecutionPlan:
     pool_fused_reads: bool = True
     pool_row_gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     loop_static_capacity: float | None = None
+    exit_objective: str = "expected"
 
     def __post_init__(self):
         if self.loop_mode not in LOOP_MODES:
@@ -48,6 +55,8 @@ class ExecutionPlan:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.pool_row_gather is not None and not callable(self.pool_row_gather):
             raise ValueError(f"pool_row_gather must be callable or None, got {self.pool_row_gather!r}.")
+        if self.exit_objective not in EXIT_OBJECTIVES:
+            raise ValueError(f"exit_objective must be one of {list(EXIT_OBJECTIVES)}, got {self.exit_objective!r}.")
         slack = self.loop_static_capacity
         if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 1.0):
             raise ValueError(f"loop_static_capacity must be a slack factor ≥ 1 or None, got {slack!r}.")
@@ -105,7 +114,8 @@ class ExecutionMixin:
 
     def set_execution(self, **changes) -> ExecutionPlan:
         """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
-        `pool_sparse_grads` (bool), `pool_fused_reads` (bool), `pool_row_gather` (callable or None).
+        `pool_sparse_grads` (bool), `pool_fused_reads` (bool), `pool_row_gather` (callable or None),
+        `loop_static_capacity` (slack ≥ 1 or None), `exit_objective` ("expected" | "gate").
         Trainers, launchers and loaders call this; nothing of it is saved by `save_pretrained`.
         Returns the new plan."""
         owner = self._execution_owner()
@@ -120,4 +130,4 @@ class ExecutionMixin:
 # Keys that configs saved before the plan existed carry; they are runtime settings, dropped on load.
 LEGACY_CONFIG_KEYS = ("loop_mode", "pool_sparse_grads")
 
-__all__ = ["ExecutionMixin", "ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_exporting", "is_tracing"]
+__all__ = ["EXIT_OBJECTIVES", "ExecutionMixin", "ExecutionPlan", "LEGACY_CONFIG_KEYS", "LOOP_MODES", "is_exporting", "is_tracing"]

@@ -26,6 +26,8 @@ that the drivers compact or mask along with the rows.
                    rest). Training runs every step and the model's loss is Σ_s p_s·CE_s − β·H(p) over
                    the exits' LM losses (`trains_exits`: the loop hands every step's state on); at
                    inference a token stops at the first step where Σ_{j≤s} p_j ≥ q. Output h_N.
+                   A second stage (execution `exit_objective="gate"`) trains only the exit head, on
+                   whether each next step lowered the token's loss (`gate_loss`).
 
 Shapes: m rows being processed, d hidden size.
 """
@@ -173,6 +175,12 @@ class ThresholdRouting(HaltingPolicy):
         return q
 
 
+# Ouro's second stage: continue while the next step lowers the loss by more than GATE_MARGIN nats,
+# a soft label of sharpness GATE_SHARPNESS (the values the Ouro paper reports).
+GATE_MARGIN = 0.005
+GATE_SHARPNESS = 50.0
+
+
 class TrainedExits(HaltingPolicy):
     """Every step is an exit. `Decision.prob` is the exit probability p_s (with its gradient), so
     the loop's `halting_probs` is the exit distribution the model's loss weighs the exits with."""
@@ -203,6 +211,22 @@ class TrainedExits(HaltingPolicy):
         # CDF_s = 1 − Π_{j≤s}(1 − λ_j) ≥ q; training runs every step (each is an exit the loss trains).
         halts = last if self.training else last | (survive <= 1.0 - self.threshold)
         return Decision(halts, None, prob, None), {"survive": survive}
+
+    @staticmethod
+    def gate_loss(probs: torch.Tensor, ce: torch.Tensor, min_steps: int = 1) -> torch.Tensor:
+        """Ouro's second stage, per token (...,): the exit decisions fitted to whether the next step
+        helps. probs (..., S) the exit distribution; ce (..., S) each exit's next-token loss (no
+        gradient). After step s the target probability of continuing is σ(k·(ce_s − ce_{s+1} − γ)),
+        k = GATE_SHARPNESS, γ = GATE_MARGIN nats; the decision's binary cross-entropy is weighted by
+        the chance it is reached, Π_{j<s}(1 − λ_j), so decisions no token gets to do not count."""
+        survive = 1.0 - probs.cumsum(-1) + probs  # (..., S) Π_{j<s}(1 − λ_j) = 1 − Σ_{j<s} p_j
+        lam = (probs / survive.clamp_min(1e-6))[..., :-1].clamp(1e-6, 1.0 - 1e-6)  # (..., S-1) λ_s
+        gain = ce[..., :-1] - ce[..., 1:]
+        cont = torch.sigmoid(GATE_SHARPNESS * (gain - GATE_MARGIN))
+        bce = -(cont * torch.log1p(-lam) + (1.0 - cont) * torch.log(lam))
+        weight = survive[..., :-1].detach().clone()
+        weight[..., : max(0, min_steps - 1)] = 0.0  # forced decisions before the floor
+        return (weight * bce).sum(-1)
 
     @staticmethod
     def init_bias(steps: int) -> list[float]:

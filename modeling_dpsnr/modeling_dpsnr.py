@@ -579,7 +579,9 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         """Trained exits (halting.TrainedExits): lm_loss = Σ_s p_s·CE_s, the expected next-token loss
         over the exits, and ponder_loss = −H(p), both per label token (summed over a batch and divided
         by `num_items_in_batch` when given, as transformers' causal-LM loss is);
-        loss = lm_loss + loop_ponder_weight · ponder_loss."""
+        loss = lm_loss + loop_ponder_weight · ponder_loss. With the execution's
+        `exit_objective="gate"` the ponder loss is instead the exit head's fit to whether each next
+        step lowered the loss (`TrainedExits.gate_loss`), and it is the whole loss."""
         targets = labels[:, 1:]  # (B, T-1)
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0)
@@ -590,12 +592,18 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         ce = torch.stack(per_exit, dim=-1)  # (B, T-1, S)
         p = outputs.halting_probs[:, :-1]  # (B, T-1, S) the exit distribution
         expected = (p * ce).sum(-1)
-        neg_entropy = (p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        gate = self.model.execution.exit_objective == "gate"
+        if gate:
+            term = TrainedExits.gate_loss(p, ce.detach(), self.config.loop_min_steps)
+        else:
+            term = (p * torch.log(p.clamp_min(1e-12))).sum(-1)  # −H(p)
         count = valid.sum() if num_items_in_batch is None else num_items_in_batch
         if torch.is_tensor(count):
             count = count.to(expected.device)
         lm_loss = torch.where(valid, expected, 0.0).sum() / count
-        ponder_loss = torch.where(valid, neg_entropy, 0.0).sum() / count
+        ponder_loss = torch.where(valid, term, 0.0).sum() / count
+        if gate:
+            return ponder_loss, lm_loss, ponder_loss
         return lm_loss + self.config.loop_ponder_weight * ponder_loss, lm_loss, ponder_loss
 
     def generate(self, *args, return_reasoning_stats: bool = False, **kwargs):

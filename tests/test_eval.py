@@ -390,3 +390,40 @@ def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_p
     assert 1.0 <= adaptive["mean_steps"] < 4.0  # threshold routing in training keeps a share of the tokens per step
     assert report["ratios"]["train_ideal_speedup_vs_every_step"] > 1.0
     assert set(report["pool_sweep"]) == {"pool_2^10", "pool_2^11"}
+
+
+def test_exit_curve_moves_steps_with_the_threshold_and_scores_like_perplexity(gpt2_model_and_ids, tmp_path, capsys):
+    from dpsnr.eval.exit_curve import exit_curve
+    from dpsnr.eval.exit_curve import main as exit_curve_main
+
+    _, tok, ids = gpt2_model_and_ids
+    torch.manual_seed(0)
+    model = DPSNRForCausalLM.from_preset("debug", vocab_size=50257, loop_halting="exits").eval()
+    with torch.no_grad():  # exit scores spread across tokens: their CDFs cross each q at different steps
+        torch.nn.init.normal_(model.model.loop.policy.exit.weight, std=0.3)
+    rows = exit_curve(model, ids, max_length=32, stride=16, thresholds=[0.1, 0.5, 0.95])
+    steps = [r["mean_steps"] for r in rows]
+    assert steps == sorted(steps) and steps[0] < steps[-1]
+    assert model.model.loop.policy.threshold == model.config.loop_exit_threshold  # restored
+    for r in rows:  # the same windows as `dpsnr perplexity` at that threshold
+        model.model.loop.policy.threshold = r["threshold"]
+        assert r["ppl"] == pytest.approx(compute_perplexity(model, ids, 32, 16).ppl, rel=1e-6)
+        assert sum(r["steps_histogram"].values()) == r["tokens_scored"] == ids.numel() - 1
+    model.model.loop.policy.threshold = model.config.loop_exit_threshold
+
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text(SENTENCES, encoding="utf-8")
+    common = ["--model", str(tmp_path / "m"), "--max-length", "32", "--device", "cpu", "--dataset", str(text)]
+    exit_curve_main([*common, "--thresholds", "0.3", "0.7", "--output-dir", str(tmp_path / "res")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["threshold"] for r in last["curve"]] == [0.3, 0.7]
+    assert (tmp_path / "res" / "exit_curve.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        exit_curve_main([*common, "--thresholds", "1.5"])
+    other = tmp_path / "fixed"
+    DPSNRForCausalLM.from_preset("debug", vocab_size=50257).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="loop_halting='exits'"):
+        exit_curve_main(["--model", str(other), "--max-length", "32", "--device", "cpu", "--dataset", str(text)])

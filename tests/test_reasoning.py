@@ -380,3 +380,24 @@ def test_capacity_bounded_static_driver_halts_the_overflow_and_stays_within_its_
     assert torch.isfinite(out.logits).all()
     with pytest.raises(ValueError, match="loop_static_capacity"):
         model.set_execution(loop_static_capacity=0.5)
+
+
+def test_exit_gate_loss_pushes_exits_to_where_the_next_step_stops_helping():
+    from modeling_dpsnr.halting import TrainedExits
+
+    def grad_of_lambdas(ce, lam0=(0.25, 1 / 3, 0.5), min_steps=1):
+        lam = torch.tensor(lam0, requires_grad=True)
+        survive = torch.cat([torch.ones(1), torch.cumprod(1 - lam, 0)])  # (4,)
+        probs = survive * torch.cat([lam, torch.ones(1)])
+        TrainedExits.gate_loss(probs, torch.tensor(ce), min_steps).backward()
+        return lam.grad
+
+    # every next step lowers the loss a lot: exit less (∂loss/∂λ > 0); none does: exit more
+    assert (grad_of_lambdas([4.0, 3.0, 2.0, 1.0]) > 0).all()
+    assert (grad_of_lambdas([2.0, 2.0, 2.0, 2.0]) < 0).all()
+    # the second step helps, later ones do not: continue after step 1, stop after 2 and 3
+    g = grad_of_lambdas([3.0, 2.0, 2.0, 2.0])
+    assert g[0] > 0 and g[1] < 0 and g[2] < 0
+    # decisions no token reaches (an exit after step 1 for sure) and forced ones carry no weight
+    assert grad_of_lambdas([4.0, 3.0, 2.0, 1.0], lam0=(1 - 1e-7, 0.5, 0.5))[1:].abs().max() < 1e-4
+    assert grad_of_lambdas([4.0, 3.0, 2.0, 1.0], min_steps=3)[:2].abs().max() < 1e-6

@@ -272,3 +272,20 @@ def test_configs_saved_with_runtime_settings_still_load_without_them(tmp_path):
         loaded.set_execution(loop_mode="lazy")
     with pytest.raises(TypeError, match="unknown execution"):
         loaded.set_execution(sparse=True)
+
+
+def test_exit_gate_stage_trains_only_the_exit_head_towards_stopping_where_steps_stop_helping(tmp_path):
+    model = tiny_model(loop_halting="exits")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = DPSNRTrainer(model=model, args=_args(DPSNRTrainingArguments, tmp_path, exit_gate_stage=True),
+                           train_dataset=_dataset())
+    assert model.execution.exit_objective == "gate" and "exit_objective" not in model.config.to_dict()
+    trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == {"model.loop.policy.exit.weight", "model.loop.policy.exit.bias"}
+    ids = torch.tensor(_dataset(n=4)["input_ids"])
+    out = model.train()(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.ponder_loss)  # the gate's fit is the whole loss
+    with pytest.raises(ValueError, match="loop_halting='exits'"):
+        DPSNRTrainer(model=tiny_model(), args=_args(DPSNRTrainingArguments, tmp_path, exit_gate_stage=True),
+                     train_dataset=_dataset())

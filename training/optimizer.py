@@ -78,10 +78,11 @@ def build_optimizer(model: nn.Module, args, decay_names: set[str], pool_param_id
     ]
     if not sparse_grads:  # XLA: the pool as a dense group with its own learning rate
         groups.append({"params": pool, "weight_decay": 0.0, "lr": args.pool_learning_rate})
+    groups = [g for g in groups if g["params"]]  # frozen parts (e.g. the exit-gate stage) leave groups empty
     adamw = torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
-    if not sparse_grads:
+    if not sparse_grads or not pool:
         return adamw
     pool_opt = SparseRowAdam(
         pool, lr=args.pool_learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,

@@ -69,6 +69,12 @@ class DPSNRTrainingArguments(TrainingArguments):
                           "even a tiny weight into full-size steps: halting collapses to one step within ~10 updates "
                           "(measured on micro) and later partitions never train. 0 disables."},
     )
+    exit_gate_stage: bool = field(
+        default=False,
+        metadata={"help": "Ouro's second stage for a model with loop_halting='exits' (start from the first stage's "
+                          "folder with --model_name_or_path): every parameter but the exit head is frozen and the head "
+                          "learns to stop where the next step stops lowering the token's loss."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +84,18 @@ class DPSNRTrainingArguments(TrainingArguments):
             raise ValueError(f"ponder_warmup_ratio must be in [0, 1), got {self.ponder_warmup_ratio}")
         if not self.pool_learning_rate > 0:
             raise ValueError(f"pool_learning_rate must be > 0, got {self.pool_learning_rate}")
+
+
+def enter_exit_gate_stage(model) -> None:
+    """Freeze every parameter but the trained-exit head and train it on the gate objective (Ouro's
+    second stage; halting.TrainedExits.gate_loss)."""
+    if getattr(model.config, "loop_halting", None) != "exits":
+        raise ValueError(f"exit_gate_stage trains the exit head of a model with loop_halting='exits'; this model has "
+                         f"loop_halting={getattr(model.config, 'loop_halting', None)!r}.")
+    head = {id(p) for p in model.model.loop.policy.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)
+    model.set_execution(exit_objective="gate")
 
 
 class DPSNRTrainer(Trainer):
@@ -91,6 +109,8 @@ class DPSNRTrainer(Trainer):
         # weight decay, but takes dense gradients in an AdamW group (clipped with the controller).
         self.sparse_grads = self.sparse_pool and sparse_grads_supported(self.args.device)
         model.set_execution(pool_sparse_grads=self.sparse_grads)  # a runtime plan: never saved in config.json
+        if getattr(self.args, "exit_gate_stage", False):
+            enter_exit_gate_stage(model)
         self._pool_param_ids = {id(p) for p in model.pool.entry_parameters()}
         # DDP cannot reduce sparse gradients of plain parameters: the tables are left out of DDP
         # and their gradients averaged after each synchronising backward (distributed.py).

@@ -1,0 +1,128 @@
+"""The halting curve of a model with trained exits: held-out perplexity against mean steps as the
+exit threshold moves.
+
+A model trained with `loop_halting="exits"` (halting.TrainedExits) has an exit distribution per
+token; at inference the token stops where its CDF reaches q (`loop_exit_threshold`). One trained
+model therefore gives a whole curve of operating points, from early exits (small q) to every step
+(q near 1). For each q this scores the same sliding windows as `dpsnr perplexity` and reports the
+perplexity and the mean steps of the positions that predicted the scored tokens, and plots
+perplexity against mean steps (with the steps histogram per q).
+
+    dpsnr exit-curve --model runs/micro-tinystories-exits --dataset tinystories --split validation \\
+        --max-length 256 --stride 128 --thresholds 0.2 0.35 0.5 0.65 0.8 0.95 [--output-dir eval/results]
+Writes <output-dir>/<name>.json and .png; prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ExitCurveArguments:
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8, 0.95],
+                                    metadata={"help": "Exit thresholds q to evaluate, each in (0, 1)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Write <name>.json and <name>.png here."})
+    name: str = field(default="exit_curve", metadata={"help": "File name stem of the outputs."})
+
+    def __post_init__(self) -> None:
+        bad = [q for q in self.thresholds if not 0.0 < q < 1.0]
+        if not self.thresholds or bad:
+            raise ValueError(f"--thresholds must be numbers in (0, 1), got {self.thresholds}")
+
+
+def exit_policy(model):
+    """The model's TrainedExits policy; a clear error for any other model."""
+    from modeling_dpsnr.halting import TrainedExits
+
+    policy = getattr(getattr(getattr(model, "model", None), "loop", None), "policy", None)
+    if not isinstance(policy, TrainedExits):
+        halting = getattr(getattr(model, "config", None), "loop_halting", None)
+        raise ValueError(f"the exit curve needs a DPSN-R model trained with loop_halting='exits', got "
+                         f"{type(model).__name__} with loop_halting={halting!r}")
+    return policy
+
+
+def exit_curve(model, ids: torch.Tensor, max_length: int, stride: int, thresholds: list[float],
+               batch_size: int = 1) -> list[dict]:
+    """Per threshold q: perplexity, mean steps and the steps histogram over the scored targets."""
+    from .perplexity import iter_scored_windows
+
+    policy = exit_policy(model)
+    max_steps = model.config.loop_max_steps
+    original = policy.threshold
+    rows = []
+    try:
+        for q in thresholds:
+            policy.threshold = float(q)
+            nll_sum, scored, steps = 0.0, 0, []
+            start = time.perf_counter()
+            with torch.no_grad():
+                for sw in iter_scored_windows(model, ids, max_length, stride, batch_size, extras=("reasoning_steps",)):
+                    nll_sum += sw.nll.double().sum().item()
+                    scored += sw.nll.numel()
+                    steps.append(sw.extras["reasoning_steps"].long())
+            seconds = time.perf_counter() - start
+            steps = torch.cat(steps)
+            hist = torch.bincount(steps, minlength=max_steps + 1)[1:max_steps + 1]
+            rows.append({"threshold": float(q), "ppl": math.exp(nll_sum / scored), "nll": nll_sum / scored,
+                         "mean_steps": steps.double().mean().item(), "tokens_scored": scored,
+                         "steps_histogram": {str(s + 1): int(n) for s, n in enumerate(hist)},
+                         "seconds": seconds})
+    finally:
+        policy.threshold = original
+    return rows
+
+
+def plot_curve(rows: list[dict], path, title: str) -> None:
+    from .common import new_figure, save_figure
+
+    fig, axes = new_figure(2, width=4.5)
+    curve, hist = axes[0]
+    curve.plot([r["mean_steps"] for r in rows], [r["ppl"] for r in rows], marker="o")
+    for r in rows:
+        curve.annotate(f"q={r['threshold']:g}", (r["mean_steps"], r["ppl"]), fontsize=7)
+    curve.set(xlabel="mean reasoning steps", ylabel="held-out perplexity", title=title)
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [int(s) + (i - len(rows) / 2) * width for s in r["steps_histogram"]]
+        total = max(1, r["tokens_scored"])
+        hist.bar(xs, [n / total for n in r["steps_histogram"].values()], width=width, label=f"q={r['threshold']:g}")
+    hist.set(xlabel="reasoning steps", ylabel="share of tokens", title="Steps per token")
+    hist.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from pathlib import Path
+
+    from dpsnr.scripting import parse_dataclasses
+
+    from .common import EvalArguments, json_line, prepare_eval, write_json
+
+    args, curve_args = parse_dataclasses((EvalArguments, ExitCurveArguments), argv)
+    model, _, ids, info, stride = prepare_eval(args)
+    exit_policy(model)
+    rows = exit_curve(model, ids, args.max_length, stride, curve_args.thresholds, args.batch_size)
+    record = {"model": args.model, **info, "context": args.max_length, "stride": stride,
+              "loop_max_steps": model.config.loop_max_steps, "trained_threshold": model.config.loop_exit_threshold,
+              "curve": rows}
+    if curve_args.output_dir:
+        out = Path(curve_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{curve_args.name}.json", record)
+        plot_curve(rows, out / f"{curve_args.name}.png", f"Trained exits: {Path(args.model).name}")
+    print(json_line(record))
+    return record
+
+
+if __name__ == "__main__":
+    from dpsnr.scripting import setup_script_logging
+
+    setup_script_logging()
+    main()
