@@ -81,3 +81,26 @@ def test_pool_scaling_orders_the_default_and_its_larger_pools():
     scaling = pool_scaling(aggregate(recs))["tinystories"]
     assert [p["pool_entries"] for p in scaling] == [65_536, 262_144, 1_048_576]
     assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0]
+
+
+def test_a_trained_exit_model_records_its_halting_curve():
+    import numpy as np
+    import torch
+
+    from dpsnr.eval.study import evaluate, exit_curve_on_blocks
+
+    from conftest import tiny_model
+
+    model = tiny_model(loop_halting="exits")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.model.loop.policy.exit.weight, std=0.5)
+    blocks = np.random.default_rng(0).integers(0, 97, size=(6, 12))
+    rows = exit_curve_on_blocks(model.eval(), blocks, thresholds=(0.2, 0.5, 0.9))
+    steps = [r["mean_steps"] for r in rows]
+    assert steps == sorted(steps) and steps[0] < steps[-1]
+    assert model.model.loop.policy.threshold == model.config.loop_exit_threshold
+    record = evaluate(model, "dpsnr", blocks, model.config.loop_max_steps)
+    at_default = [r for r in record["exit_curve"] if r["threshold"] == 0.5][0]
+    assert at_default["heldout_perplexity"] == pytest.approx(record["heldout_perplexity"], rel=1e-6)
+    assert at_default["mean_steps"] == pytest.approx(record["mean_steps"], rel=1e-6)
+    assert "exit_curve" not in evaluate(tiny_model(loop_halting="fixed"), "dpsnr", blocks, 4)
