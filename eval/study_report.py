@@ -53,6 +53,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "pool_usage": {name: {k: u[k] for k in ("frac_rows_read", "kl_uniform_counts", "gini_counts",
                                                      "frac_rows_mass_50", "frac_rows_mass_90", "frac_rows_mass_99") if k in u}
                            for name, u in usage.items()},
+            "exit_curve": m[0].get("exit_curve"),
             "commit": best[0]["provenance"]["commit"], "records": [x["spec"]["name"] for x in best],
         })
     return rows
@@ -90,6 +91,22 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['step_histogram'] or '–'} | {r['flops_per_token_train'] / 1e9:.4f} | {r['train_tokens_per_second']:.0f} | "
                 f"{r['decode_tokens_per_second']:.0f} | {read} | {mass} |")
         lines.append("")
+    curves = [r for r in rows if r.get("exit_curve")]
+    if curves:
+        lines += ["## Trained exits: held-out perplexity against mean steps as the exit threshold q moves", "",
+                  "One trained model per row (the first seed); the same held-out blocks at each q. For reference, "
+                  "the fixed loops of the same pool at the same budget (`F-fixed4`, `F-fixed2`; two-seed means where they exist).", ""]
+        for r in curves:
+            refs = {v: next((x["heldout_perplexity"] for x in rows if x["variant"] == v and x["dataset"] == r["dataset"]
+                             and x["tokens"] == r["tokens"]), None) for v in ("F-fixed4", "F-fixed2")}
+            lines += [f"**{r['variant']}, {r['dataset']}, {r['tokens']:,} tokens** — F-fixed4 {_fmt(refs['F-fixed4'])}, "
+                      f"F-fixed2 {_fmt(refs['F-fixed2'])}", "",
+                      "| q | held-out ppl | mean steps | ppl / F-fixed4 | ppl / F-fixed2 |", "|---|---|---|---|---|"]
+            for c in r["exit_curve"]:
+                ratio = lambda v: "–" if refs[v] is None else f"{c['heldout_perplexity'] / refs[v]:.3f}"  # noqa: E731
+                lines.append(f"| {c['threshold']:g} | {c['heldout_perplexity']:.2f} | {c['mean_steps']:.2f} | "
+                             f"{ratio('F-fixed4')} | {ratio('F-fixed2')} |")
+            lines.append("")
     variants = {r["variant"]: r["overrides"] for r in rows if r["overrides"]}
     lines += ["## Variants", "", f"`{DEFAULT_VARIANT}` is the presets' default. Config fields each variant sets "
               "(the others: the micro preset's; `dense-N`: a transformers Llama of the controller's width with N layers):", ""]

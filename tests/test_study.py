@@ -104,3 +104,20 @@ def test_a_trained_exit_model_records_its_halting_curve():
     assert at_default["heldout_perplexity"] == pytest.approx(record["heldout_perplexity"], rel=1e-6)
     assert at_default["mean_steps"] == pytest.approx(record["mean_steps"], rel=1e-6)
     assert "exit_curve" not in evaluate(tiny_model(loop_halting="fixed"), "dpsnr", blocks, 4)
+
+
+def test_the_report_tables_a_trained_exit_curve_against_the_fixed_loops():
+    def record(variant, ppl, curve=None):
+        metrics = {"heldout_perplexity": ppl, "heldout_loss": 3.0, "mean_steps": 4.0, "train_tokens_per_second": 1.0,
+                   "decode_tokens_per_second": 1.0, "flops_per_token_train": 1e9, "flops_per_token_forward": 1e9,
+                   "total_params": 1, "active_params": 1}
+        if curve:
+            metrics["exit_curve"] = curve
+        spec = {"dataset": "tinystories", "variant": variant, "tokens": 716800, "lr": 3e-3, "seed": 42,
+                "name": variant, "overrides": {"loop_halting": "exits"} if curve else {}}
+        return {"spec": spec, "metrics": metrics, "kind": "dpsnr", "provenance": {"commit": "x"}}
+
+    rows = aggregate([record("F-fixed4", 30.0), record("F-fixed2", 32.0),
+                      record("F-exits", 31.0, [{"threshold": 0.4, "heldout_perplexity": 30.3, "mean_steps": 2.4}])])
+    text = markdown(rows)
+    assert "| 0.4 | 30.30 | 2.40 | 1.010 | 0.947 |" in text
