@@ -6,7 +6,10 @@ token; at inference the token stops where its CDF reaches q (`loop_exit_threshol
 model therefore gives a whole curve of operating points, from early exits (small q) to every step
 (q near 1). For each q this scores the same sliding windows as `dpsnr perplexity` and reports the
 perplexity and the mean steps of the positions that predicted the scored tokens, and plots
-perplexity against mean steps (with the steps histogram per q).
+perplexity against mean steps (with the steps histogram per q). Time follows steps: each q's
+forward time (eager driver: halted tokens cost nothing more) against the deepest q's, beside the
+cost model's FLOPs ratio (`DPSNRForCausalLM.estimate_flops` at the mean steps, half the window as
+context) — run thresholds one after another on an otherwise idle machine for that ratio to mean much.
 
     dpsnr exit-curve --model runs/micro-tinystories-exits --dataset tinystories --split validation \\
         --max-length 256 --stride 128 --thresholds 0.2 0.35 0.5 0.65 0.8 0.95 [--output-dir eval/results]
@@ -70,12 +73,18 @@ def exit_curve(model, ids: torch.Tensor, max_length: int, stride: int, threshold
             seconds = time.perf_counter() - start
             steps = torch.cat(steps)
             hist = torch.bincount(steps, minlength=max_steps + 1)[1:max_steps + 1]
+            mean_steps = steps.double().mean().item()
             rows.append({"threshold": float(q), "ppl": math.exp(nll_sum / scored), "nll": nll_sum / scored,
-                         "mean_steps": steps.double().mean().item(), "tokens_scored": scored,
+                         "mean_steps": mean_steps, "tokens_scored": scored,
                          "steps_histogram": {str(s + 1): int(n) for s, n in enumerate(hist)},
-                         "seconds": seconds})
+                         "flops_per_token": model.estimate_flops(mean_steps, max_length / 2), "seconds": seconds})
     finally:
         policy.threshold = original
+    # Time follows steps: each threshold's forward speed against the deepest one's, and the cost model's ratio.
+    deepest = max(rows, key=lambda r: (r["mean_steps"], r["seconds"]))
+    for r in rows:
+        r["speedup_vs_deepest"] = deepest["seconds"] / r["seconds"]
+        r["cost_model_speedup"] = deepest["flops_per_token"] / r["flops_per_token"]
     return rows
 
 

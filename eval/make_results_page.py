@@ -143,6 +143,28 @@ def section_perplexity(results: Path) -> list[str]:
     return lines
 
 
+def section_exit_curves(results: Path, page: Path) -> list[str]:
+    """`dpsnr exit-curve` records: perplexity and mean steps per exit threshold, and time against steps."""
+    lines = ["## Trained exits: perplexity against mean steps as the exit threshold moves", ""]
+    files = sorted(results.glob("exit_curve_*.json"))
+    if not files:
+        return lines + ["_Not run yet (no `exit_curve_*.json` in eval/results)._", ""]
+    lines += ["Each row scores the same held-out windows; forward time is the eager driver's (halted tokens cost "
+              "nothing more), relative to the deepest threshold's, beside the cost model's FLOPs ratio.", ""]
+    for f in files:
+        d = json.loads(f.read_text())
+        qs = " ".join(f"{r['threshold']:g}" for r in d["curve"])
+        lines += [f"**{d['model']}** ({d['dataset']} {d['split']}, windows {d['context']} / {d['stride']}): "
+                  f"`dpsnr exit-curve --model {d['model']} --dataset {d['dataset']} --split {d['split']} "
+                  f"--max-length {d['context']} --stride {d['stride']} --thresholds {qs}`", ""]
+        lines += _table(d["curve"], [("q", "threshold"), ("perplexity", "ppl"), ("mean steps", "mean_steps"),
+                                     ("forward speed-up vs deepest", "speedup_vs_deepest"),
+                                     ("cost-model speed-up", "cost_model_speedup"), ("steps histogram", "steps_histogram")])
+        png = f.with_suffix(".png")
+        lines += ([f"![{png.stem}]({_rel(png, page)})"] if png.exists() else []) + [""]
+    return lines
+
+
 def section_json(title: str, path: Path, page: Path, pngs: list[Path]) -> list[str]:
     data = _load(path)
     lines = [f"## {title}", ""]
@@ -230,6 +252,15 @@ def build(results: Path, page: Path) -> str:
     lines += section_json("The main job with routed halting (`loop_halting=threshold`, the presets' default before the study "
                           "chose every step)", results / "main_job_threshold.json", page, [])
     lines += section_json("The main job with a fixed 2-step loop (`loop_max_steps=2`)", results / "main_job_fixed2.json", page, [])
+    lines += section_json("The main job with trained exits (`loop_halting=exits`, entropy weight 0.1; held-out at q = 0.5)",
+                          results / "main_job_exits.json", page, [])
+    lines += section_json("Its second stage: the exit head alone, fitted to whether each next step helped "
+                          "(`--exit_gate_stage`, 100 steps)", results / "main_job_exits_gate.json", page, [])
+    lines += section_exit_curves(results, page)
+    lines += section_json("Reasoning analytics with trained exits (q = 0.5)", results / "reasoning_analytics_exits.json", page,
+                          [results / "reasoning_analytics_exits.png"])
+    lines += section_json("Reasoning analytics after the exit-gate stage (q = 0.5)", results / "reasoning_analytics_exits_gate.json",
+                          page, [results / "reasoning_analytics_exits_gate.png"])
     lines += section_json("The main job with routed halting, before `micro` had its n-gram memory",
                           results / "main_job_threshold_without_ngram.json", page, [])
     lines += section_json("Reasoning analytics of that model", results / "reasoning_analytics_threshold_without_ngram.json", page,

@@ -19,6 +19,7 @@ Per token, DPSN-R spends
                    is O(J·C) integer work, not counted).
     prelude read the hashed n-gram read after a prelude block, when configured
 so `steps` (the mean reasoning steps of a run) is the only quantity that comes from a measurement.
+Training with trained exits adds the coda and LM head on every earlier step's state (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -74,8 +75,15 @@ def forward_macs(config: DPSNRConfig, steps: float | None = None, context: float
 
 def flops_per_token(config: DPSNRConfig, steps: float | None = None, context: float | None = None,
                     training: bool = False) -> float:
-    """FLOPs per token: 2 × MACs, × 3 for a training step (forward + backward)."""
-    return 2 * forward_macs(config, steps, context)["total"] * (3 if training else 1)
+    """FLOPs per token: 2 × MACs, × 3 for a training step (forward + backward). Trained exits
+    (`loop_halting="exits"`) train every step whatever `steps` is, and run the coda blocks and the
+    LM head on each earlier step's state too."""
+    if not (training and config.loop_halting == "exits"):
+        return 2 * forward_macs(config, steps, context)["total"] * (3 if training else 1)
+    parts = forward_macs(config, config.loop_max_steps, context)
+    c = config
+    coda = parts["controller"] * (c.num_hidden_layers - c.num_prelude_layers) / c.num_hidden_layers
+    return 2 * (parts["total"] + (c.loop_max_steps - 1) * (coda + parts["lm_head"])) * 3
 
 
 def pool_bytes_per_token(config: DPSNRConfig, steps: float | None = None, bytes_per_param: int = 4) -> float:

@@ -401,3 +401,16 @@ def test_exit_gate_loss_pushes_exits_to_where_the_next_step_stops_helping():
     # decisions no token reaches (an exit after step 1 for sure) and forced ones carry no weight
     assert grad_of_lambdas([4.0, 3.0, 2.0, 1.0], lam0=(1 - 1e-7, 0.5, 0.5))[1:].abs().max() < 1e-4
     assert grad_of_lambdas([4.0, 3.0, 2.0, 1.0], min_steps=3)[:2].abs().max() < 1e-6
+
+
+def test_cost_model_charges_trained_exits_for_every_step_and_every_exit_in_training():
+    from modeling_dpsnr.cost import block_macs, flops_per_token
+
+    exits, fixed = tiny_config(loop_halting="exits"), tiny_config(loop_halting="fixed")
+    c = exits
+    coda = (c.num_hidden_layers - c.num_prelude_layers) * block_macs(
+        c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.attention_head_dim, c.intermediate_size, 10)
+    extra = 6 * (c.loop_max_steps - 1) * (coda + c.hidden_size * c.vocab_size)
+    for steps in (1.5, 4):  # training runs every step whatever the mean at inference
+        assert flops_per_token(exits, steps, 10, training=True) == pytest.approx(flops_per_token(fixed, 4, 10, training=True) + extra)
+    assert flops_per_token(exits, 2, 10) == pytest.approx(flops_per_token(fixed, 2, 10))  # inference: the steps run

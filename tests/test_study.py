@@ -10,6 +10,8 @@ import pytest
 from dpsnr.eval.study import FIRST_DESIGN, RunSpec, build_model, load_grid
 from dpsnr.eval.study_report import DEFAULT_VARIANT, aggregate, markdown, pool_scaling
 
+from conftest import tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,8 +90,6 @@ def test_a_trained_exit_model_records_its_halting_curve():
     import torch
 
     from dpsnr.eval.study import evaluate, exit_curve_on_blocks
-
-    from conftest import tiny_model
 
     model = tiny_model(loop_halting="exits")
     with torch.no_grad():
