@@ -269,6 +269,8 @@ def build(results: Path, page: Path) -> str:
                           results / "reasoning_analytics_threshold.json", page, [results / "reasoning_analytics_threshold.png"])
     lines += section_json("Pool health with routed halting", results / "pool_health_threshold.json", page,
                           [results / "pool_health_threshold.png"])
+    lines += section_compare(results, page, "compare_today",
+                             "The equal-budget comparison rerun on today's micro (same grid and rate as the earlier one below)")
     lines += ["## Earlier comparisons (one learning rate for every model: superseded by the study above)", "",
               "These runs gave every model the learning rate tuned for DPSN-R (3e-3); the dense twin does much better "
               "at 1e-3, so their DPSN-R-vs-dense gaps overstate DPSN-R's advantage. Kept for the ablations' record.", ""]
