@@ -78,6 +78,9 @@ class DPSNRRetrofitConfig(PreTrainedConfig):
                              "set memory_loop=True to run the reasoning loop.")
         if pool.get("loop_step", "token") != "token":
             raise ValueError("memory_pool['loop_step'] must be 'token': the inserted read has no attention of its own.")
+        if pool.get("loop_halting") == "exits":
+            raise ValueError("memory_pool['loop_halting'] cannot be 'exits': trained exits need the LM head on every "
+                             "step's state, which an inserted memory does not have; use 'fixed', 'threshold' or 'act'.")
         if "ngram_prelude_partition" in pool:
             raise ValueError("memory_pool['ngram_prelude_partition'] does not apply: the inserted read is the memory.")
         self.pool_config()  # the pool's own invariants, checked by DPSNRConfig

@@ -162,6 +162,7 @@ BAD = [
     (dict(memory_pool={"hidden_size": 8}), "memory_pool"),
     (dict(memory_pool={"loop_max_steps": 3}), "memory_loop"),
     (dict(memory_loop=True, memory_pool={"loop_step": "block"}), "loop_step"),
+    (dict(memory_loop=True, memory_pool={"loop_halting": "exits"}), "loop_halting"),
     (dict(memory_pool={"pool_topk": 0}), "pool_topk"),
     (dict(memory_pool={"ngram_orders": [3, 3]}), "ngram_orders"),
 ]
