@@ -53,9 +53,23 @@ def aggregate(records: list[dict]) -> list[dict]:
             "pool_usage": {name: {k: u[k] for k in ("frac_rows_read", "kl_uniform_counts", "gini_counts",
                                                      "frac_rows_mass_50", "frac_rows_mass_90", "frac_rows_mass_99") if k in u}
                            for name, u in usage.items()},
-            "exit_curve": m[0].get("exit_curve"),
+            "exit_curve": _mean_curve([x.get("exit_curve") for x in m]),
             "commit": best[0]["provenance"]["commit"], "records": [x["spec"]["name"] for x in best],
         })
+    return rows
+
+
+def _mean_curve(curves: list) -> list[dict] | None:
+    """Trained exits' halting curves of one row's seeds, averaged per threshold (the thresholds all seeds have)."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    common = [r["threshold"] for r in curves[0] if all(any(x["threshold"] == r["threshold"] for x in c) for c in curves)]
+    rows = []
+    for q in common:
+        at = [next(x for x in c if x["threshold"] == q) for c in curves]
+        rows.append({"threshold": q, "heldout_perplexity": sum(x["heldout_perplexity"] for x in at) / len(at),
+                     "mean_steps": sum(x["mean_steps"] for x in at) / len(at), "seeds": len(at)})
     return rows
 
 
@@ -94,7 +108,7 @@ def markdown(rows: list[dict]) -> str:
     curves = [r for r in rows if r.get("exit_curve")]
     if curves:
         lines += ["## Trained exits: held-out perplexity against mean steps as the exit threshold q moves", "",
-                  "One trained model per row (the first seed); the same held-out blocks at each q. For reference, "
+                  "Each row's seeds averaged per q (the same held-out blocks at each q). For reference, "
                   "the fixed loops of the same pool at the same budget (`F-fixed4`, `F-fixed2`; two-seed means where they exist).", ""]
         for r in curves:
             refs = {v: next((x["heldout_perplexity"] for x in rows if x["variant"] == v and x["dataset"] == r["dataset"]

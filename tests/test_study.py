@@ -121,3 +121,12 @@ def test_the_report_tables_a_trained_exit_curve_against_the_fixed_loops():
                       record("F-exits", 31.0, [{"threshold": 0.4, "heldout_perplexity": 30.3, "mean_steps": 2.4}])])
     text = markdown(rows)
     assert "| 0.4 | 30.30 | 2.40 | 1.010 | 0.947 |" in text
+
+
+def test_a_rows_exit_curves_are_averaged_over_its_seeds():
+    from dpsnr.eval.study_report import _mean_curve
+
+    a = [{"threshold": 0.4, "heldout_perplexity": 30.0, "mean_steps": 2.0}, {"threshold": 0.5, "heldout_perplexity": 29.0, "mean_steps": 3.0}]
+    b = [{"threshold": 0.4, "heldout_perplexity": 32.0, "mean_steps": 3.0}]
+    assert _mean_curve([a, b]) == [{"threshold": 0.4, "heldout_perplexity": 31.0, "mean_steps": 2.5, "seeds": 2}]
+    assert _mean_curve([None, None]) is None
