@@ -21,8 +21,8 @@ import copy
 # 35 % -> 56 % on TinyStories, lower perplexity than three partitions). Routed halting
 # (loop_halting="threshold", 2.5 of 4 steps) cost 7-11 % perplexity against every step at equal
 # tokens, for ~10 % fewer FLOPs: it is an option, not the default. Trained exits (loop_halting="exits")
-# matched every step at 2.2-2.9 mean steps on both datasets and the main job (study row F-exits, one
-# seed), but train every step plus the coda and LM head on each exit (2.2x the training FLOPs): an
+# matched every step at 2.2-2.9 mean steps on both datasets and the main job (study row F-exits; two
+# seeds on TinyStories, one on WikiText-2), but train every step plus the coda and LM head on each exit (2.2x the training FLOPs): an
 # option too, for now. DPSNRConfig's own defaults keep the first design, so configs saved before
 # these fields existed load as they were trained.
 BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
