@@ -6,7 +6,8 @@ token; at inference the token stops where its CDF reaches q (`loop_exit_threshol
 model therefore gives a whole curve of operating points, from early exits (small q) to every step
 (q near 1). For each q this scores the same sliding windows as `dpsnr perplexity` and reports the
 perplexity and the mean steps of the positions that predicted the scored tokens, and plots
-perplexity against mean steps (with the steps histogram per q). Time follows steps: each q's
+perplexity against mean steps (with the steps histogram per q). With `--decode-new-tokens N` it also
+times greedy decoding at each q (thresholds alternated, median of rounds). Time follows steps: each q's
 forward time (eager driver: halted tokens cost nothing more) against the deepest q's, beside the
 cost model's FLOPs ratio (`DPSNRForCausalLM.estimate_flops` at the mean steps, half the window as
 context) — run thresholds one after another on an otherwise idle machine for that ratio to mean much.
@@ -32,11 +33,17 @@ class ExitCurveArguments:
                                     metadata={"help": "Exit thresholds q to evaluate, each in (0, 1)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Write <name>.json and <name>.png here."})
     name: str = field(default="exit_curve", metadata={"help": "File name stem of the outputs."})
+    decode_new_tokens: int = field(default=0, metadata={
+        "help": "Also time greedy decoding (batch 1, KV cache) of this many tokens per prompt at each q; 0: off."})
+    decode_prompts: int = field(default=2, metadata={"help": "Prompts for the decoding timing (32-token openings of the text)."})
+    decode_repeats: int = field(default=3, metadata={"help": "Timing rounds, thresholds alternated in each; the median is kept."})
 
     def __post_init__(self) -> None:
         bad = [q for q in self.thresholds if not 0.0 < q < 1.0]
         if not self.thresholds or bad:
             raise ValueError(f"--thresholds must be numbers in (0, 1), got {self.thresholds}")
+        if self.decode_new_tokens < 0 or self.decode_prompts < 1 or self.decode_repeats < 1:
+            raise ValueError("--decode-new-tokens must be ≥ 0 and --decode-prompts, --decode-repeats ≥ 1")
 
 
 def exit_policy(model):
@@ -88,6 +95,45 @@ def exit_curve(model, ids: torch.Tensor, max_length: int, stride: int, threshold
     return rows
 
 
+@torch.no_grad()
+def decode_speeds(model, ids: torch.Tensor, thresholds: list[float], new_tokens: int, prompts: int = 2,
+                  repeats: int = 3, prompt_len: int = 32) -> dict[float, dict]:
+    """Greedy decoding tokens/s (batch 1, KV cache, prefill included) and mean steps of the generated
+    tokens at each q; thresholds alternate within each round so a slow spell of a shared machine lands on
+    all of them, and each q keeps its median round."""
+    import statistics
+
+    policy = exit_policy(model)
+    original = policy.threshold
+    starts = torch.linspace(0, max(0, ids.numel() - prompt_len - 1), prompts).long().tolist()
+    batch = [ids[s:s + prompt_len].view(1, -1).to(_device(model)) for s in starts]
+    times: dict[float, list[float]] = {q: [] for q in thresholds}
+    steps: dict[float, float] = {}
+    try:
+        policy.threshold = float(thresholds[0])
+        model.generate(batch[0], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        for _ in range(repeats):
+            for q in thresholds:
+                policy.threshold = float(q)
+                start, used = time.perf_counter(), []
+                for prompt in batch:
+                    _, stats = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              do_sample=False, return_reasoning_stats=True)
+                    used.append(stats["avg_loops"])
+                times[q].append(time.perf_counter() - start)
+                steps[q] = sum(used) / len(used)
+    finally:
+        policy.threshold = original
+    tokens = prompts * new_tokens
+    return {q: {"decode_tokens_per_second": tokens / statistics.median(times[q]), "decode_mean_steps": steps[q]}
+            for q in thresholds}
+
+
+def _device(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def plot_curve(rows: list[dict], path, title: str) -> None:
     from .common import new_figure, save_figure
 
@@ -118,6 +164,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model, _, ids, info, stride = prepare_eval(args)
     exit_policy(model)
     rows = exit_curve(model, ids, args.max_length, stride, curve_args.thresholds, args.batch_size)
+    if curve_args.decode_new_tokens:
+        speeds = decode_speeds(model, ids, curve_args.thresholds, curve_args.decode_new_tokens,
+                               curve_args.decode_prompts, curve_args.decode_repeats)
+        deepest = max(rows, key=lambda r: r["mean_steps"])["threshold"]
+        for r in rows:
+            r.update(speeds[r["threshold"]])
+            r["decode_speedup_vs_deepest"] = r["decode_tokens_per_second"] / speeds[deepest]["decode_tokens_per_second"]
     record = {"model": args.model, **info, "context": args.max_length, "stride": stride,
               "loop_max_steps": model.config.loop_max_steps, "trained_threshold": model.config.loop_exit_threshold,
               "curve": rows}

@@ -159,7 +159,10 @@ def section_exit_curves(results: Path, page: Path) -> list[str]:
                   f"--max-length {d['context']} --stride {d['stride']} --thresholds {qs}`", ""]
         lines += _table(d["curve"], [("q", "threshold"), ("perplexity", "ppl"), ("mean steps", "mean_steps"),
                                      ("forward speed-up vs deepest", "speedup_vs_deepest"),
-                                     ("cost-model speed-up", "cost_model_speedup"), ("steps histogram", "steps_histogram")])
+                                     ("cost-model speed-up", "cost_model_speedup"),
+                                     ("decode tokens/s", "decode_tokens_per_second"), ("decode steps", "decode_mean_steps"),
+                                     ("decode speed-up vs deepest", "decode_speedup_vs_deepest"),
+                                     ("steps histogram", "steps_histogram")])
         png = f.with_suffix(".png")
         lines += ([f"![{png.stem}]({_rel(png, page)})"] if png.exists() else []) + [""]
     return lines

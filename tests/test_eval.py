@@ -416,9 +416,11 @@ def test_exit_curve_moves_steps_with_the_threshold_and_scores_like_perplexity(gp
     text = tmp_path / "text.txt"
     text.write_text(SENTENCES, encoding="utf-8")
     common = ["--model", str(tmp_path / "m"), "--max-length", "32", "--device", "cpu", "--dataset", str(text)]
-    exit_curve_main([*common, "--thresholds", "0.3", "0.7", "--output-dir", str(tmp_path / "res")])
+    exit_curve_main([*common, "--thresholds", "0.3", "0.7", "--output-dir", str(tmp_path / "res"),
+                     "--decode-new-tokens", "3", "--decode-repeats", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["threshold"] for r in last["curve"]] == [0.3, 0.7]
+    assert all(r["decode_tokens_per_second"] > 0 and 1 <= r["decode_mean_steps"] <= 4 for r in last["curve"])
     assert (tmp_path / "res" / "exit_curve.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         exit_curve_main([*common, "--thresholds", "1.5"])
