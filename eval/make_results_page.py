@@ -259,6 +259,7 @@ def build(results: Path, page: Path) -> str:
                           results / "main_job_exits.json", page, [])
     lines += section_json("Its second stage: the exit head alone, fitted to whether each next step helped "
                           "(`--exit_gate_stage`, 100 steps)", results / "main_job_exits_gate.json", page, [])
+    lines += section_json("Trained exits with a 5× smaller entropy weight (0.02)", results / "main_job_exits_beta0.02.json", page, [])
     lines += section_exit_curves(results, page)
     lines += section_json("Reasoning analytics with trained exits (q = 0.5)", results / "reasoning_analytics_exits.json", page,
                           [results / "reasoning_analytics_exits.png"])
