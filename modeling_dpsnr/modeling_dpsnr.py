@@ -551,7 +551,8 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}.")
             if outputs.exit_hidden_states is not None:
-                loss, lm_loss, ponder_loss = self._exit_losses(outputs, labels, num_items_in_batch)
+                full = logits if logits.shape[1] == hidden.shape[1] else None  # the last exit's, when not cut
+                loss, lm_loss, ponder_loss = self._exit_losses(outputs, labels, num_items_in_batch, full)
             else:
                 lm_loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.vocab_size,
@@ -575,7 +576,8 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
-    def _exit_losses(self, outputs: DPSNRModelOutputWithPast, labels: torch.Tensor, num_items_in_batch):
+    def _exit_losses(self, outputs: DPSNRModelOutputWithPast, labels: torch.Tensor, num_items_in_batch,
+                     last_logits: torch.Tensor | None = None):
         """Trained exits (halting.TrainedExits): lm_loss = Σ_s p_s·CE_s, the expected next-token loss
         over the exits, and ponder_loss = −H(p), both per label token (summed over a batch and divided
         by `num_items_in_batch` when given, as transformers' causal-LM loss is);
@@ -586,8 +588,11 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0)
         per_exit = []
-        for h in outputs.exit_hidden_states:  # S × (B, T, d)
-            logp = torch.log_softmax(self.lm_head(h[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+        exits = outputs.exit_hidden_states  # S × (B, T, d), the last one the forward's own output
+        for i, h in enumerate(exits):
+            reuse = i == len(exits) - 1 and last_logits is not None
+            logits = last_logits[:, :-1] if reuse else self.lm_head(h[:, :-1])
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
             per_exit.append(-logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, T-1)
         ce = torch.stack(per_exit, dim=-1)  # (B, T-1, S)
         p = outputs.halting_probs[:, :-1]  # (B, T-1, S) the exit distribution
