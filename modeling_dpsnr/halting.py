@@ -175,8 +175,8 @@ class ThresholdRouting(HaltingPolicy):
         return q
 
 
-# Ouro's second stage: continue while the next step lowers the loss by more than GATE_MARGIN nats,
-# a soft label of sharpness GATE_SHARPNESS (the values the Ouro paper reports).
+# The second stage's label: continue while the next step lowers the loss by more than GATE_MARGIN nats,
+# softened with sharpness GATE_SHARPNESS (the form of Ouro's adaptive-gate training; values of that order).
 GATE_MARGIN = 0.005
 GATE_SHARPNESS = 50.0
 
