@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,35 +59,40 @@ def exit_policy(model):
     return policy
 
 
+@contextmanager
+def stopping_at(model, q: float):
+    """The model's trained exits stop at exit threshold `q` inside the block; the saved one after it."""
+    policy = exit_policy(model)
+    original, policy.threshold = policy.threshold, float(q)
+    try:
+        yield policy
+    finally:
+        policy.threshold = original
+
+
 def exit_curve(model, ids: torch.Tensor, max_length: int, stride: int, thresholds: list[float],
                batch_size: int = 1) -> list[dict]:
     """Per threshold q: perplexity, mean steps and the steps histogram over the scored targets."""
     from .perplexity import iter_scored_windows
 
-    policy = exit_policy(model)
     max_steps = model.config.loop_max_steps
-    original = policy.threshold
     rows = []
-    try:
-        for q in thresholds:
-            policy.threshold = float(q)
-            nll_sum, scored, steps = 0.0, 0, []
-            start = time.perf_counter()
-            with torch.no_grad():
-                for sw in iter_scored_windows(model, ids, max_length, stride, batch_size, extras=("reasoning_steps",)):
-                    nll_sum += sw.nll.double().sum().item()
-                    scored += sw.nll.numel()
-                    steps.append(sw.extras["reasoning_steps"].long())
-            seconds = time.perf_counter() - start
-            steps = torch.cat(steps)
-            hist = torch.bincount(steps, minlength=max_steps + 1)[1:max_steps + 1]
-            mean_steps = steps.double().mean().item()
-            rows.append({"threshold": float(q), "ppl": math.exp(nll_sum / scored), "nll": nll_sum / scored,
-                         "mean_steps": mean_steps, "tokens_scored": scored,
-                         "steps_histogram": {str(s + 1): int(n) for s, n in enumerate(hist)},
-                         "flops_per_token": model.estimate_flops(mean_steps, max_length / 2), "seconds": seconds})
-    finally:
-        policy.threshold = original
+    for q in thresholds:
+        nll_sum, scored, steps = 0.0, 0, []
+        start = time.perf_counter()
+        with stopping_at(model, q), torch.no_grad():
+            for sw in iter_scored_windows(model, ids, max_length, stride, batch_size, extras=("reasoning_steps",)):
+                nll_sum += sw.nll.double().sum().item()
+                scored += sw.nll.numel()
+                steps.append(sw.extras["reasoning_steps"].long())
+        seconds = time.perf_counter() - start
+        steps = torch.cat(steps)
+        hist = torch.bincount(steps, minlength=max_steps + 1)[1:max_steps + 1]
+        mean_steps = steps.double().mean().item()
+        rows.append({"threshold": float(q), "ppl": math.exp(nll_sum / scored), "nll": nll_sum / scored,
+                     "mean_steps": mean_steps, "tokens_scored": scored,
+                     "steps_histogram": {str(s + 1): int(n) for s, n in enumerate(hist)},
+                     "flops_per_token": model.estimate_flops(mean_steps, max_length / 2), "seconds": seconds})
     # Time follows steps: each threshold's forward speed against the deepest one's, and the cost model's ratio.
     deepest = max(rows, key=lambda r: (r["mean_steps"], r["seconds"]))
     for r in rows:
@@ -103,35 +109,27 @@ def decode_speeds(model, ids: torch.Tensor, thresholds: list[float], new_tokens:
     all of them, and each q keeps its median round."""
     import statistics
 
-    policy = exit_policy(model)
-    original = policy.threshold
+    from .perplexity import _model_device
+
     starts = torch.linspace(0, max(0, ids.numel() - prompt_len - 1), prompts).long().tolist()
-    batch = [ids[s:s + prompt_len].view(1, -1).to(_device(model)) for s in starts]
+    batch = [ids[s:s + prompt_len].view(1, -1).to(_model_device(model)) for s in starts]
     times: dict[float, list[float]] = {q: [] for q in thresholds}
     steps: dict[float, float] = {}
-    try:
-        policy.threshold = float(thresholds[0])
+    with stopping_at(model, thresholds[0]):
         model.generate(batch[0], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        for _ in range(repeats):
-            for q in thresholds:
-                policy.threshold = float(q)
-                start, used = time.perf_counter(), []
+    for _ in range(repeats):
+        for q in thresholds:
+            start, used = time.perf_counter(), []
+            with stopping_at(model, q):
                 for prompt in batch:
                     _, stats = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                               do_sample=False, return_reasoning_stats=True)
                     used.append(stats["avg_loops"])
-                times[q].append(time.perf_counter() - start)
-                steps[q] = sum(used) / len(used)
-    finally:
-        policy.threshold = original
+            times[q].append(time.perf_counter() - start)
+            steps[q] = sum(used) / len(used)
     tokens = prompts * new_tokens
     return {q: {"decode_tokens_per_second": tokens / statistics.median(times[q]), "decode_mean_steps": steps[q]}
             for q in thresholds}
-
-
-def _device(model) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def plot_curve(rows: list[dict], path, title: str) -> None:

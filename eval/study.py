@@ -226,21 +226,19 @@ EXIT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 @torch.no_grad()
 def exit_curve_on_blocks(model, blocks: np.ndarray, thresholds=EXIT_THRESHOLDS) -> list[dict]:
     """Held-out perplexity and mean steps of a trained-exit model at each exit threshold q."""
-    policy = model.model.loop.policy
-    original, rows = policy.threshold, []
-    try:
-        for q in thresholds:
-            policy.threshold = q
-            nll, count, steps = 0.0, 0, 0.0
+    from dpsnr.eval.exit_curve import stopping_at
+
+    rows = []
+    for q in thresholds:
+        nll, count, steps = 0.0, 0, 0.0
+        with stopping_at(model, q):
             for i in range(0, len(blocks), 32):
                 ids = torch.as_tensor(blocks[i:i + 32], dtype=torch.long)
                 out = model(ids, use_cache=False)
                 nll -= out.logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).sum().item()
                 count += ids[:, 1:].numel()
                 steps += out.reasoning_steps[:, :-1].float().sum().item()
-            rows.append({"threshold": q, "heldout_perplexity": math.exp(nll / count), "mean_steps": steps / count})
-    finally:
-        policy.threshold = original
+        rows.append({"threshold": q, "heldout_perplexity": math.exp(nll / count), "mean_steps": steps / count})
     return rows
 
 
