@@ -98,6 +98,7 @@ class RunSpec:
     seed: int = 42
     pool_lr: float = 1e-2
     overrides: dict = field(default_factory=dict)  # extra config fields on top of the variant's
+    training: dict = field(default_factory=dict)  # extra DPSNRTrainingArguments (e.g. exit_samples), DPSN-R only
     name: str | None = None
 
     def __post_init__(self):
@@ -105,6 +106,8 @@ class RunSpec:
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {list(DATASETS)}")
         if self.variant not in VARIANTS and not self.overrides:
             raise ValueError(f"unknown variant {self.variant!r}; known: {list(VARIANTS)} (or give overrides)")
+        if self.training and self.variant in VARIANTS and VARIANTS[self.variant][0] == "dense":
+            raise ValueError(f"{self.variant}: training arguments {sorted(self.training)} are DPSN-R trainer arguments")
         if self.tokens % (BLOCK * BATCH):
             raise ValueError(f"tokens must be a multiple of {BLOCK * BATCH}, got {self.tokens}")
         if self.name is None:
@@ -172,12 +175,12 @@ def build_model(spec: RunSpec, tokenizer):
     return kind, dense, LlamaForCausalLM(dense)
 
 
-def flops_per_token(kind: str, cfg, mean_steps: float | None, training: bool) -> float:
+def flops_per_token(kind: str, cfg, mean_steps: float | None, training: bool, exit_samples: int | None = None) -> float:
     from modeling_dpsnr.cost import block_macs, flops_per_token as dpsnr_flops
 
     context = (BLOCK + 1) / 2  # mean keys a query sees over a causal block
     if kind == "dpsnr":
-        return dpsnr_flops(cfg, steps=mean_steps, context=context, training=training)
+        return dpsnr_flops(cfg, steps=mean_steps, context=context, training=training, exit_samples=exit_samples)
     hd = cfg.hidden_size // cfg.num_attention_heads
     macs = cfg.num_hidden_layers * block_macs(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
                                               cfg.intermediate_size, context) + cfg.hidden_size * cfg.vocab_size
@@ -278,7 +281,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
         use_cpu=True, disable_tqdm=True, seed=spec.seed, dataloader_drop_last=True,
     )
     if kind == "dpsnr":
-        trainer = DPSNRTrainer(model=model, args=DPSNRTrainingArguments(pool_learning_rate=spec.pool_lr, **common),
+        trainer = DPSNRTrainer(model=model, args=DPSNRTrainingArguments(pool_learning_rate=spec.pool_lr, **spec.training, **common),
                                train_dataset=train, data_collator=default_data_collator)
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, data_collator=default_data_collator)
@@ -295,7 +298,8 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
         active = total - model.model.embed_tokens.weight.numel()
     record.update(
         train_seconds=seconds, train_tokens_per_second=spec.tokens / seconds,
-        flops_per_token_train=flops_per_token(kind, cfg, mean_steps, training=True),
+        flops_per_token_train=flops_per_token(kind, cfg, mean_steps, training=True,
+                                              exit_samples=spec.training.get("exit_samples")),
         flops_per_token_forward=flops_per_token(kind, cfg, mean_steps, training=False),
         total_params=total, active_params=active,
         curve=[(h["step"], h.get("lm_loss", h["loss"])) for h in trainer.state.log_history if "loss" in h],

@@ -74,16 +74,17 @@ def forward_macs(config: DPSNRConfig, steps: float | None = None, context: float
 
 
 def flops_per_token(config: DPSNRConfig, steps: float | None = None, context: float | None = None,
-                    training: bool = False) -> float:
+                    training: bool = False, exit_samples: int | None = None) -> float:
     """FLOPs per token: 2 × MACs, × 3 for a training step (forward + backward). Trained exits
     (`loop_halting="exits"`) train every step whatever `steps` is, and run the coda blocks and the
-    LM head on each earlier step's state too."""
+    LM head on each earlier step's state too, or on `exit_samples` of them (the execution setting)."""
     if not (training and config.loop_halting == "exits"):
         return 2 * forward_macs(config, steps, context)["total"] * (3 if training else 1)
     parts = forward_macs(config, config.loop_max_steps, context)
     c = config
     coda = parts["controller"] * (c.num_hidden_layers - c.num_prelude_layers) / c.num_hidden_layers
-    return 2 * (parts["total"] + (c.loop_max_steps - 1) * (coda + parts["lm_head"])) * 3
+    earlier = c.loop_max_steps - 1 if exit_samples is None else min(exit_samples, c.loop_max_steps - 1)
+    return 2 * (parts["total"] + earlier * (coda + parts["lm_head"])) * 3
 
 
 def pool_bytes_per_token(config: DPSNRConfig, steps: float | None = None, bytes_per_param: int = 4) -> float:

@@ -38,6 +38,12 @@ class ExecutionPlan:
         "gate" (Ouro's second stage): only the exit decisions, each step's exit probability fitted to
         whether the next step lowers the token's loss by more than `GATE_MARGIN` nats (halting.py);
         freeze every other parameter (`DPSNRTrainingArguments.exit_gate_stage` does).
+    exit_samples: with trained exits and the "expected" objective, how many of the S − 1 earlier exits
+        a training forward runs the coda and LM head on, drawn uniformly without replacement each
+        forward (torch's global generator, so seeded runs repeat); their terms are weighted
+        (S − 1) / exit_samples, so the loss is an unbiased estimate of the expected loss over every
+        exit, at a fraction of its cost (the last exit is always computed: it is the forward's own
+        output). None: every exit, Ouro's recipe. The gate objective always uses every exit.
     """
 
     loop_mode: str = "auto"
@@ -46,6 +52,7 @@ class ExecutionPlan:
     pool_row_gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     loop_static_capacity: float | None = None
     exit_objective: str = "expected"
+    exit_samples: int | None = None
 
     def __post_init__(self):
         if self.loop_mode not in LOOP_MODES:
@@ -57,6 +64,9 @@ class ExecutionPlan:
             raise ValueError(f"pool_row_gather must be callable or None, got {self.pool_row_gather!r}.")
         if self.exit_objective not in EXIT_OBJECTIVES:
             raise ValueError(f"exit_objective must be one of {list(EXIT_OBJECTIVES)}, got {self.exit_objective!r}.")
+        m = self.exit_samples
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"exit_samples must be an int ≥ 1 or None (every exit), got {m!r}.")
         slack = self.loop_static_capacity
         if slack is not None and (isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 1.0):
             raise ValueError(f"loop_static_capacity must be a slack factor ≥ 1 or None, got {slack!r}.")
@@ -115,7 +125,8 @@ class ExecutionMixin:
     def set_execution(self, **changes) -> ExecutionPlan:
         """Change how the model runs, never what it is: `loop_mode` ("auto" | "eager" | "static"),
         `pool_sparse_grads` (bool), `pool_fused_reads` (bool), `pool_row_gather` (callable or None),
-        `loop_static_capacity` (slack ≥ 1 or None), `exit_objective` ("expected" | "gate").
+        `loop_static_capacity` (slack ≥ 1 or None), `exit_objective` ("expected" | "gate"),
+        `exit_samples` (int ≥ 1 or None).
         Trainers, launchers and loaders call this; nothing of it is saved by `save_pretrained`.
         Returns the new plan."""
         owner = self._execution_owner()

@@ -224,8 +224,9 @@ class DPSNRPreTrainedModel(PoolStorageMixin, ExecutionMixin, PreTrainedModel):
     # ------------------------------------------------------------------ cost model (cost.py)
     def estimate_flops(self, steps: float | None = None, context: float | None = None, training: bool = False) -> float:
         """FLOPs per token at `steps` mean reasoning steps (default: the maximum) and `context` keys
-        per query (default: half the trained context); × 3 for a training step. See cost.py."""
-        return flops_per_token(self.config, steps, context, training)
+        per query (default: half the trained context); × 3 for a training step, which for trained exits
+        follows the execution's `exit_samples`. See cost.py."""
+        return flops_per_token(self.config, steps, context, training, self.execution.exit_samples)
 
     def estimate_pool_bytes(self, steps: float | None = None) -> float:
         """Pool bytes one token reads (entry rows + scored sub-keys) at the tables' dtype."""
@@ -419,9 +420,13 @@ class DPSNRModel(DPSNRPreTrainedModel):
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         exit_hidden = None
-        if loop.step_states is not None:  # trained exits: the coda and norm on every earlier step's state too
+        if loop.step_states is not None:  # trained exits: the coda and norm on earlier steps' states too
             exit_hidden = []
-            for state in loop.step_states[:-1]:
+            trained = self._earlier_exits_to_train(len(loop.step_states) - 1)
+            for i, state in enumerate(loop.step_states[:-1]):
+                if i not in trained:  # not drawn this forward (execution.exit_samples)
+                    exit_hidden.append(None)
+                    continue
                 for block in self.layers[num_prelude:]:
                     state, _ = block(state, attention_mask=causal_mask, position_embeddings=position_embeddings,
                                      position_ids=position_ids, **{CACHE_NAME: None}, **kwargs)
@@ -440,6 +445,16 @@ class DPSNRModel(DPSNRPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
+
+    def _earlier_exits_to_train(self, earlier: int) -> set[int]:
+        """The earlier exits (0-based steps before the last) a training forward runs the coda on: all of
+        them, or `execution.exit_samples` drawn uniformly without replacement (the gate objective
+        compares consecutive exits, so it always takes all)."""
+        plan = self.execution
+        m = plan.exit_samples
+        if m is None or m >= earlier or plan.exit_objective == "gate":
+            return set(range(earlier))
+        return set(torch.randperm(earlier)[:m].tolist())
 
     def _check_positions(self, position_ids: torch.Tensor, attention_mask, past_seen: int, T: int) -> None:
         """Positions, not row lengths, are what RoPE can represent: a packed row of several short
@@ -581,23 +596,31 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         """Trained exits (halting.TrainedExits): lm_loss = Σ_s p_s·CE_s, the expected next-token loss
         over the exits, and ponder_loss = −H(p), both per label token (summed over a batch and divided
         by `num_items_in_batch` when given, as transformers' causal-LM loss is);
-        loss = lm_loss + loop_ponder_weight · ponder_loss. With the execution's
+        loss = lm_loss + loop_ponder_weight · ponder_loss. Earlier exits the forward did not compute
+        (None: `execution.exit_samples`) are left out and the computed ones weighted (S − 1) / m, so
+        lm_loss is an unbiased estimate of the expected loss; the last exit is always in. With the execution's
         `exit_objective="gate"` the ponder loss is instead the exit head's fit to whether each next
         step lowered the loss (`TrainedExits.gate_loss`), and it is the whole loss."""
         targets = labels[:, 1:]  # (B, T-1)
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0)
         per_exit = []
-        exits = outputs.exit_hidden_states  # S × (B, T, d), the last one the forward's own output
-        for i, h in enumerate(exits):
+        exits = outputs.exit_hidden_states  # S × (B, T, d) or None where not drawn; the last is the forward's own output
+        computed = [i for i, h in enumerate(exits) if h is not None]
+        for i in computed:
             reuse = i == len(exits) - 1 and last_logits is not None
-            logits = last_logits[:, :-1] if reuse else self.lm_head(h[:, :-1])
+            logits = last_logits[:, :-1] if reuse else self.lm_head(exits[i][:, :-1])
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
             per_exit.append(-logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, T-1)
-        ce = torch.stack(per_exit, dim=-1)  # (B, T-1, S)
+        ce = torch.stack(per_exit, dim=-1)  # (B, T-1, C) the computed exits
         p = outputs.halting_probs[:, :-1]  # (B, T-1, S) the exit distribution
-        expected = (p * ce).sum(-1)
         gate = self.model.execution.exit_objective == "gate"
+        if len(computed) == len(exits):
+            expected = (p * ce).sum(-1)
+        else:  # a sample of the earlier exits: each stands for (S − 1) / m of them
+            scale = (len(exits) - 1) / (len(computed) - 1)
+            weight = torch.tensor([scale] * (len(computed) - 1) + [1.0], device=ce.device, dtype=ce.dtype)
+            expected = (p[..., computed] * ce * weight).sum(-1)
         if gate:
             term = TrainedExits.gate_loss(p, ce.detach(), self.config.loop_min_steps)
         else:

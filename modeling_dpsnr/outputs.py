@@ -25,7 +25,8 @@ class DPSNRModelOutputWithPast(BaseModelOutputWithPast):
     ponder_cost: torch.FloatTensor | None = None  # (B, T)
     active_params: torch.LongTensor | None = None  # (B, T)
     # loop_halting="exits" in training: the final-norm output of the coda on each step's state,
-    # S × (B, T, d), the last one `last_hidden_state` (the exits the loss trains)
+    # S × (B, T, d), the last one `last_hidden_state` (the exits the loss trains); None for an earlier
+    # exit this forward did not draw (execution.exit_samples)
     exit_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 

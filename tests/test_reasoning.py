@@ -403,3 +403,50 @@ def test_cost_model_charges_trained_exits_for_every_step_and_every_exit_in_train
     for steps in (1.5, 4):  # training runs every step whatever the mean at inference
         assert flops_per_token(exits, steps, 10, training=True) == pytest.approx(flops_per_token(fixed, 4, 10, training=True) + extra)
     assert flops_per_token(exits, 2, 10) == pytest.approx(flops_per_token(fixed, 2, 10))  # inference: the steps run
+    # a sample of m earlier exits per forward pays for m codas and heads
+    one = extra / (c.loop_max_steps - 1)
+    assert flops_per_token(exits, 4, 10, training=True, exit_samples=1) == pytest.approx(
+        flops_per_token(fixed, 4, 10, training=True) + one)
+    model = tiny_model(loop_halting="exits")
+    model.set_execution(exit_samples=2)
+    assert model.estimate_flops(4, 10, training=True) == pytest.approx(flops_per_token(fixed, 4, 10, training=True) + 2 * one)
+
+
+def test_sampled_exits_estimate_the_expected_loss_without_bias(monkeypatch):
+    from modeling_dpsnr.modeling_dpsnr import DPSNRModel
+
+    # distinct exit probabilities, so a wrong weight or a wrong exit shows in the loss
+    model = _exits_model(bias=[-1.0, 0.3, 0.8], loop_ponder_weight=0.1, pool_query_norm="rms").train()
+    ids = torch.randint(0, 97, (2, 10))
+    S = model.config.loop_max_steps
+    full = model(ids, labels=ids)
+    model.set_execution(exit_samples=1)
+    drawn = []
+    for s in range(S - 1):  # each earlier exit drawn in turn
+        monkeypatch.setattr(DPSNRModel, "_earlier_exits_to_train", lambda self, earlier, s=s: {s})
+        out = model(ids, labels=ids)
+        torch.testing.assert_close(out.ponder_loss, full.ponder_loss)  # the entropy needs only p
+        drawn.append(out.lm_loss)
+    # lm_loss is an unbiased estimate: its mean over the (uniform) draws is the loss over every exit
+    torch.testing.assert_close(torch.stack(drawn).mean(), full.lm_loss, atol=1e-5, rtol=1e-5)
+    assert max(abs(float(d.detach() - full.lm_loss.detach())) for d in drawn) > 1e-3  # and the draws differ
+    monkeypatch.undo()
+    # the model draws m of the S − 1 earlier exits, and only those reach the coda
+    model.set_execution(exit_samples=2)
+    out = model.model(ids)
+    computed = [h is not None for h in out.exit_hidden_states]
+    assert len(computed) == S and computed[-1] and sum(computed) == 3
+    model.set_execution(exit_samples=S)  # more than there are: every exit, the full loss
+    torch.testing.assert_close(model(ids, labels=ids).lm_loss, full.lm_loss)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="exit_samples"):
+            model.set_execution(exit_samples=bad)
+
+
+def test_the_gate_objective_uses_every_exit_whatever_exit_samples_says():
+    model = _exits_model(bias=[-1.0, 0.3, 0.8], pool_query_norm="rms").train()
+    ids = torch.randint(0, 97, (2, 10))
+    model.set_execution(exit_objective="gate")
+    full = model(ids, labels=ids).loss
+    model.set_execution(exit_samples=1)
+    torch.testing.assert_close(model(ids, labels=ids).loss, full)

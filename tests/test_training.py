@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -289,3 +290,19 @@ def test_exit_gate_stage_trains_only_the_exit_head_towards_stopping_where_steps_
     with pytest.raises(ValueError, match="loop_halting='exits'"):
         DPSNRTrainer(model=tiny_model(), args=_args(DPSNRTrainingArguments, tmp_path, exit_gate_stage=True),
                      train_dataset=_dataset())
+
+
+def test_exit_samples_reaches_the_model_as_an_execution_setting_and_trains(tmp_path):
+    model = tiny_model(loop_halting="exits")
+    trainer = DPSNRTrainer(model=model, args=_args(DPSNRTrainingArguments, tmp_path, exit_samples=1),
+                           train_dataset=_dataset())
+    assert model.execution.exit_samples == 1 and "exit_samples" not in model.config.to_dict()
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    with pytest.raises(ValueError, match="loop_halting='exits'"):
+        DPSNRTrainer(model=tiny_model(), args=_args(DPSNRTrainingArguments, tmp_path, exit_samples=1),
+                     train_dataset=_dataset())
+    with pytest.raises(ValueError, match="exit_samples"):
+        _args(DPSNRTrainingArguments, tmp_path, exit_samples=1, exit_gate_stage=True)
+    with pytest.raises(ValueError, match="exit_samples"):
+        _args(DPSNRTrainingArguments, tmp_path, exit_samples=0)

@@ -76,8 +76,19 @@ class DPSNRTrainingArguments(TrainingArguments):
                           "learns to stop where the next step stops lowering the token's loss."},
     )
 
+    exit_samples: int | None = field(
+        default=None,
+        metadata={"help": "For a model with loop_halting='exits': run the coda and LM head on this many of the "
+                          "earlier exits per training forward, drawn at random, instead of all of them (an unbiased "
+                          "estimate of the expected loss over the exits at a fraction of its cost; the execution "
+                          "setting `exit_samples`). None: every exit."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.exit_samples is not None and (self.exit_samples < 1 or self.exit_gate_stage):
+            raise ValueError(f"exit_samples must be ≥ 1 and applies to the first (expected-loss) stage, not with "
+                             f"exit_gate_stage; got exit_samples={self.exit_samples}, exit_gate_stage={self.exit_gate_stage}.")
         if self.pool_optimizer not in ("sparse_row_adam", "dense"):
             raise ValueError(f"pool_optimizer must be 'sparse_row_adam' or 'dense', got {self.pool_optimizer!r}")
         if not 0.0 <= self.ponder_warmup_ratio < 1.0:
@@ -111,6 +122,12 @@ class DPSNRTrainer(Trainer):
         model.set_execution(pool_sparse_grads=self.sparse_grads)  # a runtime plan: never saved in config.json
         if getattr(self.args, "exit_gate_stage", False):
             enter_exit_gate_stage(model)
+        exit_samples = getattr(self.args, "exit_samples", None)
+        if exit_samples is not None:
+            if getattr(model.config, "loop_halting", None) != "exits":
+                raise ValueError(f"exit_samples samples the trained exits of a model with loop_halting='exits'; this "
+                                 f"model has loop_halting={getattr(model.config, 'loop_halting', None)!r}.")
+            model.set_execution(exit_samples=exit_samples)
         self._pool_param_ids = {id(p) for p in model.pool.entry_parameters()}
         # DDP cannot reduce sparse gradients of plain parameters: the tables are left out of DDP
         # and their gradients averaged after each synchronising backward (distributed.py).
