@@ -596,9 +596,9 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         """Trained exits (halting.TrainedExits): lm_loss = Σ_s p_s·CE_s, the expected next-token loss
         over the exits, and ponder_loss = −H(p), both per label token (summed over a batch and divided
         by `num_items_in_batch` when given, as transformers' causal-LM loss is);
-        loss = lm_loss + loop_ponder_weight · ponder_loss. Earlier exits the forward did not compute
-        (None: `execution.exit_samples`) are left out and the computed ones weighted (S − 1) / m, so
-        lm_loss is an unbiased estimate of the expected loss; the last exit is always in. With the execution's
+        loss = lm_loss + loop_ponder_weight · ponder_loss. When the forward computed only a sample of the
+        earlier exits (None in `exit_hidden_states`: `execution.exit_samples`), lm_loss is an unbiased
+        estimate of the expected loss (`_sampled_expected_loss`). With the execution's
         `exit_objective="gate"` the ponder loss is instead the exit head's fit to whether each next
         step lowered the loss (`TrainedExits.gate_loss`), and it is the whole loss."""
         targets = labels[:, 1:]  # (B, T-1)
@@ -617,10 +617,8 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         gate = self.model.execution.exit_objective == "gate"
         if len(computed) == len(exits):
             expected = (p * ce).sum(-1)
-        else:  # a sample of the earlier exits: each stands for (S − 1) / m of them
-            scale = (len(exits) - 1) / (len(computed) - 1)
-            weight = torch.tensor([scale] * (len(computed) - 1) + [1.0], device=ce.device, dtype=ce.dtype)
-            expected = (p[..., computed] * ce * weight).sum(-1)
+        else:
+            expected = self._sampled_expected_loss(p, ce, computed)
         if gate:
             term = TrainedExits.gate_loss(p, ce.detach(), self.config.loop_min_steps)
         else:
@@ -633,6 +631,24 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         if gate:
             return ponder_loss, lm_loss, ponder_loss
         return lm_loss + self.config.loop_ponder_weight * ponder_loss, lm_loss, ponder_loss
+
+    @staticmethod
+    def _sampled_expected_loss(p: torch.Tensor, ce: torch.Tensor, computed: list[int]) -> torch.Tensor:
+        """Σ_s p_s·ĈE_s from a sample of m earlier exits (`execution.exit_samples`): the last exit's loss
+        CE_S (always computed) stands in for every earlier one, and each drawn exit adds its gap to it
+        scaled by (S − 1) / m:  ĈE_s = sg(CE_S) + (S − 1)/m · 1[s drawn] · (CE_s − sg(CE_S)),  ĈE_S = CE_S.
+        Unbiased (E ĈE_s = CE_s), and the exit head's gradient ∂/∂p_s = ĈE_s is a loss for every exit:
+        scaling the drawn exits' whole losses instead (the plain importance weight) leaves the others at
+        zero, and the head learned to put its mass wherever this forward did not look (measured: the exit
+        distribution collapsed and training diverged). sg = stop-gradient, so the model's gradient is the
+        last exit's plus the drawn exits' scaled by (S − 1) / m: unbiased too. p (B, T-1, S), ce (B, T-1, C)."""
+        S, drawn = p.shape[-1], len(computed) - 1
+        last = ce[..., -1:]  # (B, T-1, 1)
+        stand_in = last.detach().expand(*ce.shape[:-1], S - 1).clone()  # (B, T-1, S-1)
+        idx = torch.tensor(computed[:-1], device=ce.device)
+        gap = (ce[..., :-1] - last.detach()) * ((S - 1) / drawn)
+        estimate = stand_in.index_add(-1, idx, gap)  # (B, T-1, S-1)
+        return (p[..., :-1] * estimate).sum(-1) + p[..., -1] * last.squeeze(-1)
 
     def generate(self, *args, return_reasoning_stats: bool = False, **kwargs):
         """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.

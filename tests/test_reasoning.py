@@ -429,7 +429,21 @@ def test_sampled_exits_estimate_the_expected_loss_without_bias(monkeypatch):
         drawn.append(out.lm_loss)
     # lm_loss is an unbiased estimate: its mean over the (uniform) draws is the loss over every exit
     torch.testing.assert_close(torch.stack(drawn).mean(), full.lm_loss, atol=1e-5, rtol=1e-5)
-    assert max(abs(float(d.detach() - full.lm_loss.detach())) for d in drawn) > 1e-3  # and the draws differ
+    assert max(abs(float(d.detach() - full.lm_loss.detach())) for d in drawn) > 0  # and the draws differ
+    # an exit that was not drawn costs the last exit's loss, not nothing: with all mass on exit 1 and
+    # exit 2 drawn, the estimate is the last exit's loss (a plain importance weight would give ~0, and
+    # the exit head would learn to hide its mass where the forward did not look)
+    first = _exits_model(bias=[30.0, 0.0, 0.0], pool_query_norm="rms").train()
+    first.load_state_dict(model.state_dict(), strict=False)
+    first.set_execution(exit_samples=1)
+    with torch.no_grad():
+        first.model.loop.policy.exit.bias.copy_(torch.tensor([30.0, 0.0, 0.0]))
+    monkeypatch.setattr(DPSNRModel, "_earlier_exits_to_train", lambda self, earlier: {1})
+    every = _exits_model(bias=[-30.0] * (S - 1), pool_query_norm="rms").train()  # all mass on the last exit
+    every.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        every.model.loop.policy.exit.bias.fill_(-30.0)
+    torch.testing.assert_close(first(ids, labels=ids).lm_loss, every(ids, labels=ids).lm_loss, atol=1e-4, rtol=1e-4)
     monkeypatch.undo()
     # the model draws m of the S − 1 earlier exits, and only those reach the coda
     model.set_execution(exit_samples=2)
