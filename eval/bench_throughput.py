@@ -8,6 +8,7 @@ Metric, per model, in one process (so machine load hits every model alike):
   prefill included, after a warm-up generation;
 - FLOPs per token from the cost model (modeling_dpsnr/cost.py; the dense twin's blocks counted with
   the same arithmetic) at the loop's measured mean steps, and achieved GFLOP/s = FLOPs/token × tokens/s;
+- trained exits train every exit, as the main job does (--exit-samples N: N drawn earlier exits per forward);
 - when the halting policy is adaptive, the same model with every step run (`loop_halting="fixed"`):
   the measured speed-up of halting against the cost model's (`*_time_follows_steps`, 1.0 = exact).
 Models are measured in alternation (A B A B ...) --repeats times and the median reported, so a
@@ -73,6 +74,8 @@ class Bench:
             from dpsnr.training.pool_optim import SparseRowAdam
 
             model.set_execution(pool_sparse_grads=True)
+            if model.config.loop_halting == "exits" and args.exit_samples:
+                model.set_execution(exit_samples=args.exit_samples)
             pool = {id(p) for p in model.pool.entry_parameters()}
             self.opts = [torch.optim.AdamW([p for p in model.parameters() if id(p) not in pool], lr=1e-3),
                          SparseRowAdam(model.pool.entry_parameters(), lr=1e-3)]
@@ -170,6 +173,8 @@ def main(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--exit-samples", type=int, default=0,
+                   help="trained exits: earlier exits drawn per training forward (default 0: all of them, as the main job)")
     p.add_argument("--output", default=str(RESULTS / "bench_throughput.json"))
     args = p.parse_args(argv)
     if args.threads:

@@ -43,7 +43,9 @@ class ExecutionPlan:
         forward (torch's global generator, so seeded runs repeat); their terms are weighted
         (S − 1) / exit_samples, so the loss is an unbiased estimate of the expected loss over every
         exit, at a fraction of its cost (the last exit is always computed: it is the forward's own
-        output). None: every exit, Ouro's recipe. The gate objective always uses every exit.
+        output). None: every exit, Ouro's recipe. The gate objective always uses every exit. Measured on
+        micro at 716,800 tokens (study row F-exits-s1, m = 1): 4-7 % higher perplexity than every exit
+        on both datasets, for ~10 % less training time: every exit stays the recipe.
     """
 
     loop_mode: str = "auto"

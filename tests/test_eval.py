@@ -390,6 +390,17 @@ def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_p
     assert 1.0 <= adaptive["mean_steps"] < 4.0  # threshold routing in training keeps a share of the tokens per step
     assert report["ratios"]["train_ideal_speedup_vs_every_step"] > 1.0
     assert set(report["pool_sweep"]) == {"pool_2^10", "pool_2^11"}
+    # trained exits: --exit-samples reaches the model's execution, and the cost model follows it
+    from argparse import Namespace
+
+    from dpsnr.eval.bench_throughput import Bench
+
+    settings = Namespace(batch=1, block=8, prompt_len=2, exit_samples=1)
+    exits = DPSNRForCausalLM.from_preset("debug", loop_halting="exits")
+    assert Bench("exits", exits, True, settings).model.execution.exit_samples == 1
+    every = Bench("every", DPSNRForCausalLM.from_preset("debug", loop_halting="exits"), True, Namespace(**{**vars(settings), "exit_samples": 0}))
+    assert every.model.execution.exit_samples is None
+    assert exits.estimate_flops(training=True) < every.model.estimate_flops(training=True)
 
 
 def test_exit_curve_moves_steps_with_the_threshold_and_scores_like_perplexity(gpt2_model_and_ids, tmp_path, capsys):
