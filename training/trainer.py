@@ -81,7 +81,7 @@ class DPSNRTrainingArguments(TrainingArguments):
         metadata={"help": "For a model with loop_halting='exits': run the coda and LM head on this many of the "
                           "earlier exits per training forward, drawn at random, instead of all of them (an unbiased "
                           "estimate of the expected loss over the exits at a fraction of its cost; the execution "
-                          "setting `exit_samples`). None: every exit. Measured on micro: 4-7 % higher perplexity "
+                          "setting `exit_samples`). None: every exit. Measured on micro: 4-7 percent higher perplexity "
                           "with 1 than with every exit."},
     )
 
