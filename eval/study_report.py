@@ -109,10 +109,12 @@ def markdown(rows: list[dict]) -> str:
     if curves:
         lines += ["## Trained exits: held-out perplexity against mean steps as the exit threshold q moves", "",
                   "Each row's seeds averaged per q (the same held-out blocks at each q). For reference, "
-                  "the fixed loops of the same pool at the same budget (`F-fixed4`, `F-fixed2`; two-seed means where they exist).", ""]
+                  "the fixed loops of the same pool at the same budget and learning rate (`F-fixed4`, `F-fixed2`; "
+                  "two-seed means where they exist).", ""]
         for r in curves:
-            refs = {v: next((x["heldout_perplexity"] for x in rows if x["variant"] == v and x["dataset"] == r["dataset"]
-                             and x["tokens"] == r["tokens"]), None) for v in ("F-fixed4", "F-fixed2")}
+            refs = {v: next((x["lrs"].get(f"{r['best_lr']:g}") for x in rows if x["variant"] == v
+                             and x["dataset"] == r["dataset"] and x["tokens"] == r["tokens"]), None)
+                    for v in ("F-fixed4", "F-fixed2")}
             lines += [f"**{r['variant']}, {r['dataset']}, {r['tokens']:,} tokens** — F-fixed4 {_fmt(refs['F-fixed4'])}, "
                       f"F-fixed2 {_fmt(refs['F-fixed2'])}", "",
                       "| q | held-out ppl | mean steps | ppl / F-fixed4 | ppl / F-fixed2 |", "|---|---|---|---|---|"]
@@ -133,19 +135,32 @@ DEFAULT_VARIANT = "F-fixed4"
 POOL_SCALING = {DEFAULT_VARIANT: 65_536, "F-fixed4-pool-x4": 262_144, "F-fixed4-pool-x16": 1_048_576}
 
 
-def pool_scaling(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per dataset, the default's rows at the main-job budget ordered by pool size (seed 42 lr 3e-3 rows
-    and their seeds, as aggregated)."""
-    out: dict[str, list[dict]] = defaultdict(list)
-    base_tokens = min((r["tokens"] for r in rows), default=0)
-    for r in rows:
-        if r["variant"] in POOL_SCALING and r["tokens"] == base_tokens:
+RECIPE_LR = 3e-3  # the main job's learning rate
+
+
+def pool_scaling(records: list[dict]) -> dict[str, list[dict]]:
+    """Per dataset, the default's runs at the main-job budget ordered by pool size, all at one learning rate
+    (the recipe's where every size ran at it, else the lowest they share) with their seeds averaged: a
+    size's best rate of the sweep would compare pools trained at different rates."""
+    base_tokens = min((r["spec"]["tokens"] for r in records), default=0)
+    out: dict[str, list[dict]] = {}
+    for ds in sorted({r["spec"]["dataset"] for r in records}):
+        mine = [r for r in records if r["spec"]["dataset"] == ds and r["spec"]["variant"] in POOL_SCALING
+                and r["spec"]["tokens"] == base_tokens]
+        rates = [{r["spec"]["lr"] for r in mine if r["spec"]["variant"] == v} for v in POOL_SCALING]
+        common = set.intersection(*[x for x in rates if x]) if any(rates) else set()
+        if not common:
+            continue
+        lr = RECIPE_LR if RECIPE_LR in common else min(common)
+        points = []
+        for r in aggregate([x for x in mine if x["spec"]["lr"] == lr]):
             usage = next(iter(r["pool_usage"].values()), {})
-            out[r["dataset"]].append({"pool_entries": POOL_SCALING[r["variant"]], "variant": r["variant"],
-                                      "heldout_perplexity": r["heldout_perplexity"],
-                                      "train_tokens_per_second": r["train_tokens_per_second"],
-                                      "frac_rows_read": usage.get("frac_rows_read")})
-    return {ds: sorted(v, key=lambda x: x["pool_entries"]) for ds, v in out.items()}
+            points.append({"pool_entries": POOL_SCALING[r["variant"]], "variant": r["variant"], "lr": lr,
+                           "heldout_perplexity": r["heldout_perplexity"], "seeds": r["seeds"],
+                           "train_tokens_per_second": r["train_tokens_per_second"],
+                           "frac_rows_read": usage.get("frac_rows_read")})
+        out[ds] = sorted(points, key=lambda x: x["pool_entries"])
+    return out
 
 
 def plot_pool_scaling(scaling: dict[str, list[dict]], path: Path) -> None:
@@ -198,7 +213,7 @@ def main(grid: str | None = None) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "study.json").write_text(json.dumps(rows, indent=1))
     (OUT / "study.md").write_text(markdown(rows))
-    scaling = pool_scaling(rows)
+    scaling = pool_scaling(load_records())
     (OUT / "study_pool_scaling.json").write_text(json.dumps(scaling, indent=1))
     if rows:
         plot(rows, OUT / "study_ppl_vs_flops.png")

@@ -80,9 +80,13 @@ def test_rows_take_the_best_rate_and_average_its_seeds():
 def test_pool_scaling_orders_the_default_and_its_larger_pools():
     recs = [_record("F-fixed4-pool-x16", 3e-3, 42, 33.0, read=0.1), _record(DEFAULT_VARIANT, 3e-3, 42, 35.0, read=0.5),
             _record("F-fixed4-pool-x4", 3e-3, 42, 34.0, read=0.3), _record("F-fixed4-pool-x4", 3e-3, 42, 20.0, tokens=2 * 716800)]
-    scaling = pool_scaling(aggregate(recs))["tinystories"]
+    scaling = pool_scaling(recs)["tinystories"]
     assert [p["pool_entries"] for p in scaling] == [65_536, 262_144, 1_048_576]
     assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0]
+    # a rate only the smallest pool ran (its best) is left out: every size at the rate they share
+    scaling = pool_scaling([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0)])["tinystories"]
+    assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0] and {p["lr"] for p in scaling} == {3e-3}
+    assert aggregate([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0)])[0]["heldout_perplexity"] == 30.0  # the table's best rate
 
 
 def test_a_trained_exit_model_records_its_halting_curve():
@@ -130,3 +134,13 @@ def test_a_rows_exit_curves_are_averaged_over_its_seeds():
     b = [{"threshold": 0.4, "heldout_perplexity": 32.0, "mean_steps": 3.0}]
     assert _mean_curve([a, b]) == [{"threshold": 0.4, "heldout_perplexity": 31.0, "mean_steps": 2.5, "seeds": 2}]
     assert _mean_curve([None, None]) is None
+
+
+def test_exit_curves_are_compared_with_the_fixed_loops_at_their_own_learning_rate():
+    exits = _record("F-exits", 3e-3, 42, 35.0)
+    exits["metrics"]["exit_curve"] = [{"threshold": 0.4, "heldout_perplexity": 35.0, "mean_steps": 2.5}]
+    rows = aggregate([exits, _record("F-fixed4", 3e-3, 42, 35.0), _record("F-fixed4", 1e-3, 42, 30.0),
+                      _record("F-fixed2", 3e-3, 42, 40.0)])
+    text = markdown(rows)
+    assert "F-fixed4 35.00" in text  # not the 30.00 of the rate the exits never ran at
+    assert "| 0.4 | 35.00 | 2.50 | 1.000 | 0.875 |" in text
