@@ -245,9 +245,17 @@ def build(results: Path, page: Path) -> str:
                           results / "bench_throughput_threshold.json", page, [results / "bench_throughput_threshold.png"])
     lines += section_json("Retrofitting a memory into a pretrained model", results / "retrofit_study.json", page, [])
     lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
+    lines += section_json("The same main job rerun at a later commit (reproduces it exactly)", results / "main_job_rerun.json",
+                          page, [])
     lines += section_json("Reasoning analytics of the main job's model", results / "reasoning_analytics.json", page,
                           [results / "reasoning_analytics.png"])
     lines += section_json("Pool health of the main job's model", results / "pool_health.json", page, [results / "pool_health.png"])
+    lines += section_json("The main job with trained exits as `micro`'s halting (q = 0.4, entropy weight 0.1; tried as the "
+                          "default and withdrawn)", results / "main_job_exits_default.json", page, [])
+    lines += section_json("Reasoning analytics of that model (q = 0.4)", results / "reasoning_analytics_exits_default.json", page,
+                          [results / "reasoning_analytics_exits_default.png"])
+    lines += section_json("Pool health of that model", results / "pool_health_exits_default.json", page,
+                          [results / "pool_health_exits_default.png"])
     lines += section_json("The main job before `micro` had its hashed n-gram memory (one shared product-key pool only)",
                           results / "main_job_without_ngram.json", page, [])
     lines += section_json("Pool health of that model", results / "pool_health_without_ngram.json", page,
@@ -255,8 +263,10 @@ def build(results: Path, page: Path) -> str:
     lines += section_json("The main job with routed halting (`loop_halting=threshold`, the presets' default before the study "
                           "chose every step)", results / "main_job_threshold.json", page, [])
     lines += section_json("The main job with a fixed 2-step loop (`loop_max_steps=2`)", results / "main_job_fixed2.json", page, [])
-    lines += section_json("The main job with trained exits (`loop_halting=exits`, entropy weight 0.1; held-out at q = 0.5)",
+    lines += section_json("The main job with trained exits, an earlier run (commit 36b7ba6; held-out at q = 0.5)",
                           results / "main_job_exits.json", page, [])
+    lines += section_json("Trained exits learning from one drawn earlier exit per forward (`--exit_samples 1`; q = 0.4)",
+                          results / "main_job_exits_s1.json", page, [])
     lines += section_json("Its second stage: the exit head alone, fitted to whether each next step helped "
                           "(`--exit_gate_stage`, 100 steps)", results / "main_job_exits_gate.json", page, [])
     lines += section_json("Trained exits with a 5× smaller entropy weight (0.02)", results / "main_job_exits_beta0.02.json", page, [])

@@ -20,11 +20,13 @@ import copy
 # for product keys one shared pool with running-statistics query norm and unit keys (rows read
 # 35 % -> 56 % on TinyStories, lower perplexity than three partitions). Routed halting
 # (loop_halting="threshold", 2.5 of 4 steps) cost 7-11 % perplexity against every step at equal
-# tokens, for ~10 % fewer FLOPs: it is an option, not the default. Trained exits (loop_halting="exits")
-# match every step at 2.3-2.5 mean steps (study rows F-exits, two seeds on each dataset, and the main
-# job): `micro` runs them (MICRO_EXITS); the larger presets, never trained, keep every step, since an
-# exit there costs a coda and a 50k-vocabulary LM head per step in training (tiny: 8 steps). DPSNRConfig's own
-# defaults keep the first design, so configs saved before these fields existed load as they were trained.
+# tokens, for ~10 % fewer FLOPs: it is an option, not the default. Trained exits (loop_halting="exits",
+# loop_ponder_weight=0.1, loop_exit_threshold=0.4) match every step at 2.3-2.5 mean steps on fresh text
+# (study rows F-exits, two seeds per dataset) but not on the main job, where two runs that differ only
+# in rounding reached 30.20 and 32.18 against every step's 30.64 (which reruns exactly), with 58.6 % of
+# the pool read instead of 68.1 %; and they train every step plus the coda and LM head on each exit (0.6x
+# the training speed): an option too. DPSNRConfig's own defaults keep the first design, so configs saved
+# before these fields existed load as they were trained.
 BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
 SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="running", pool_key_norm="unit")
 # micro only (the main job's preset): a hashed n-gram partition of a quarter of the product-key
@@ -34,15 +36,6 @@ SHARED_PRODUCT_KEYS = dict(pool_partitions={"shared": 1.0}, pool_query_norm="run
 # (56 % -> 65 % TinyStories); the main job 35.23 -> 30.64. The larger presets keep a pool that
 # any input can query: this partition needs input_ids (it hashes them), so inputs_embeds-only
 # calls (e.g. PEFT prompt tuning) would fail on it; it is one override away (`hashed_prelude(N)`).
-# micro only: trained exits (Ouro's recipe; halting.TrainedExits) with the entropy weight the study ran
-# (0.1) and exit threshold q = 0.4: study rows F-exits, two seeds per dataset, 33.49 at 2.51 mean steps
-# (TinyStories) and 101.90 at 2.31 (WikiText-2) against every step's 33.32 and 102.60 (q-curves in
-# eval/results/study.md). The price is training: every step and the coda + LM head on every exit run,
-# 0.60x the every-step loop's training speed in one process (cost model: 2.2x the FLOPs); drawing one
-# earlier exit per forward instead (`exit_samples`) was measured 4-7 % worse (F-exits-s1).
-MICRO_EXITS = dict(loop_halting="exits", loop_ponder_weight=0.1, loop_exit_threshold=0.4)
-
-
 def hashed_prelude(product_key_entries: int) -> dict:
     """Config fields that add a hashed n-gram partition of product_key_entries / 4 rows, read in the
     prelude, beside one shared product-key pool of `product_key_entries` rows that every loop step
@@ -65,7 +58,7 @@ PRESETS: dict[str, dict] = {
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_prelude_layers=2,
         num_attention_heads=4, max_position_embeddings=512,
         pool_heads=4, pool_topk=8, pool_key_dim=64, loop_max_steps=4,
-        **{**BLOCK_LOOP, **MICRO_EXITS}, **{**SHARED_PRODUCT_KEYS, **hashed_prelude(65536)},
+        **BLOCK_LOOP, **{**SHARED_PRODUCT_KEYS, **hashed_prelude(65536)},
     ),
     # d 512, 4 blocks, 8 heads, GPT-2 vocabulary, 100,000 neuron entries in one shared pool (the
     # design's 70/20/10 split is `pool_partitions`; the study measured the shared pool better), 8 steps.
@@ -105,7 +98,7 @@ PRESETS: dict[str, dict] = {
 # Measured by `dpsnr presets` (total, active per token at max steps).
 MEASURED: dict[str, tuple[int, int]] = {
     "debug": (668_544, 115_584),  # 0.7M total, 0.12M active
-    "micro": (42_801_035, 4_071_307),  # 42.8M total (33.6M product-key pool, 4.2M hashed n-gram rows), 4.07M active (with its exit head)
+    "micro": (42_800_264, 4_070_536),  # 42.8M total (33.6M product-key pool, 4.2M hashed n-gram rows), 4.07M active
     "tiny": (142_722_560, 14_853_120),  # 142.7M total (102.4M pool), 14.85M active
     "small": (1_712_475_136, 64_051_456),  # 1.71B total (1.61B pool), 64.1M active
     "base": (8_858_499_584, 219_198_976),  # 8.86B total (8.59B pool), 219.2M active
