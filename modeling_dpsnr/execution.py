@@ -40,10 +40,10 @@ class ExecutionPlan:
         freeze every other parameter (`DPSNRTrainingArguments.exit_gate_stage` does).
     exit_samples: with trained exits and the "expected" objective, how many of the S − 1 earlier exits
         a training forward runs the coda and LM head on, drawn uniformly without replacement each
-        forward (torch's global generator, so seeded runs repeat); their terms are weighted
-        (S − 1) / exit_samples, so the loss is an unbiased estimate of the expected loss over every
-        exit, at a fraction of its cost (the last exit is always computed: it is the forward's own
-        output). None: every exit, Ouro's recipe. The gate objective always uses every exit. Measured on
+        forward (torch's global generator, so seeded runs repeat); the last exit's loss stands in for
+        the others and each drawn exit adds its gap to it scaled (S − 1) / exit_samples
+        (`DPSNRForCausalLM._sampled_expected_loss`), an unbiased estimate of the expected loss over every
+        exit at a fraction of its cost (the last exit is always computed: it is the forward's own output). None: every exit, Ouro's recipe. The gate objective always uses every exit. Measured on
         micro at 716,800 tokens (study row F-exits-s1, m = 1): 4-7 % higher perplexity than every exit
         on both datasets, for ~10 % less training time: every exit stays the recipe.
     """
