@@ -217,7 +217,7 @@ def section_study(results: Path, page: Path) -> list[str]:
         lines += [f"![perplexity vs FLOPs]({_rel(png, page)})", ""]
     scaling = _load(results / "study_pool_scaling.json") or {}
     if scaling:
-        lines += ["### Pool scaling at flat compute (the default, F-fixed4, main-job budget)", ""]
+        lines += ["### Pool scaling at flat compute (the default, F-fixed4, main-job budget; one curve per learning rate every size ran at)", ""]
         for ds, pts in sorted(scaling.items()):
             lines += [f"{ds}: " + "; ".join(
                 f"{p['pool_entries']:,} entries → ppl {p['heldout_perplexity']:.2f}, rows read "

@@ -135,13 +135,10 @@ DEFAULT_VARIANT = "F-fixed4"
 POOL_SCALING = {DEFAULT_VARIANT: 65_536, "F-fixed4-pool-x4": 262_144, "F-fixed4-pool-x16": 1_048_576}
 
 
-RECIPE_LR = 3e-3  # the main job's learning rate
-
-
 def pool_scaling(records: list[dict]) -> dict[str, list[dict]]:
-    """Per dataset, the default's runs at the main-job budget ordered by pool size, all at one learning rate
-    (the recipe's where every size ran at it, else the lowest they share) with their seeds averaged: a
-    size's best rate of the sweep would compare pools trained at different rates."""
+    """The default's runs at the main-job budget ordered by pool size, one curve per dataset and learning
+    rate that every size ran at (key "<dataset>, lr <rate>"), seeds averaged: a size's best rate of the
+    sweep would compare pools trained at different rates."""
     base_tokens = min((r["spec"]["tokens"] for r in records), default=0)
     out: dict[str, list[dict]] = {}
     for ds in sorted({r["spec"]["dataset"] for r in records}):
@@ -149,17 +146,15 @@ def pool_scaling(records: list[dict]) -> dict[str, list[dict]]:
                 and r["spec"]["tokens"] == base_tokens]
         rates = [{r["spec"]["lr"] for r in mine if r["spec"]["variant"] == v} for v in POOL_SCALING]
         common = set.intersection(*[x for x in rates if x]) if any(rates) else set()
-        if not common:
-            continue
-        lr = RECIPE_LR if RECIPE_LR in common else min(common)
-        points = []
-        for r in aggregate([x for x in mine if x["spec"]["lr"] == lr]):
-            usage = next(iter(r["pool_usage"].values()), {})
-            points.append({"pool_entries": POOL_SCALING[r["variant"]], "variant": r["variant"], "lr": lr,
-                           "heldout_perplexity": r["heldout_perplexity"], "seeds": r["seeds"],
-                           "train_tokens_per_second": r["train_tokens_per_second"],
-                           "frac_rows_read": usage.get("frac_rows_read")})
-        out[ds] = sorted(points, key=lambda x: x["pool_entries"])
+        for lr in sorted(common, reverse=True):
+            points = []
+            for r in aggregate([x for x in mine if x["spec"]["lr"] == lr]):
+                usage = next(iter(r["pool_usage"].values()), {})
+                points.append({"pool_entries": POOL_SCALING[r["variant"]], "variant": r["variant"], "lr": lr,
+                               "heldout_perplexity": r["heldout_perplexity"], "seeds": r["seeds"],
+                               "train_tokens_per_second": r["train_tokens_per_second"],
+                               "frac_rows_read": usage.get("frac_rows_read")})
+            out[f"{ds}, lr {lr:g}"] = sorted(points, key=lambda x: x["pool_entries"])
     return out
 
 

@@ -80,12 +80,15 @@ def test_rows_take_the_best_rate_and_average_its_seeds():
 def test_pool_scaling_orders_the_default_and_its_larger_pools():
     recs = [_record("F-fixed4-pool-x16", 3e-3, 42, 33.0, read=0.1), _record(DEFAULT_VARIANT, 3e-3, 42, 35.0, read=0.5),
             _record("F-fixed4-pool-x4", 3e-3, 42, 34.0, read=0.3), _record("F-fixed4-pool-x4", 3e-3, 42, 20.0, tokens=2 * 716800)]
-    scaling = pool_scaling(recs)["tinystories"]
+    scaling = pool_scaling(recs)["tinystories, lr 0.003"]
     assert [p["pool_entries"] for p in scaling] == [65_536, 262_144, 1_048_576]
     assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0]
-    # a rate only the smallest pool ran (its best) is left out: every size at the rate they share
-    scaling = pool_scaling([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0)])["tinystories"]
-    assert [p["heldout_perplexity"] for p in scaling] == [35.0, 34.0, 33.0] and {p["lr"] for p in scaling} == {3e-3}
+    # a rate only the smallest pool ran (its best) is left out: every size at a rate they share, one curve each
+    at_1e3 = [_record(v, 1e-3, 42, p) for v, p in (("F-fixed4-pool-x4", 31.0), ("F-fixed4-pool-x16", 29.0))]
+    assert list(pool_scaling([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0)])) == ["tinystories, lr 0.003"]
+    scaling = pool_scaling([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0), *at_1e3])
+    assert [p["heldout_perplexity"] for p in scaling["tinystories, lr 0.001"]] == [30.0, 31.0, 29.0]
+    assert [p["heldout_perplexity"] for p in scaling["tinystories, lr 0.003"]] == [35.0, 34.0, 33.0]
     assert aggregate([*recs, _record(DEFAULT_VARIANT, 1e-3, 42, 30.0)])[0]["heldout_perplexity"] == 30.0  # the table's best rate
 
 
