@@ -243,6 +243,8 @@ def build(results: Path, page: Path) -> str:
                           [results / "bench_throughput.png"])
     lines += section_json("Routed halting against every step, same process (time follows steps)",
                           results / "bench_throughput_threshold.json", page, [results / "bench_throughput_threshold.png"])
+    lines += section_json("Trained exits against every step, same process (training runs every exit)",
+                          results / "bench_throughput_exits.json", page, [results / "bench_throughput_exits.png"])
     lines += section_json("Retrofitting a memory into a pretrained model", results / "retrofit_study.json", page, [])
     lines += section_json("Main job (`make demo`)", results / "main_job.json", page, [])
     lines += section_json("The same main job rerun at a later commit (reproduces it exactly)", results / "main_job_rerun.json",

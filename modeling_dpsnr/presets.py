@@ -23,8 +23,9 @@ import copy
 # tokens, for ~10 % fewer FLOPs: it is an option, not the default. Trained exits (loop_halting="exits",
 # loop_ponder_weight=0.1, loop_exit_threshold=0.4) match every step at 2.3-2.5 mean steps on fresh text
 # (study rows F-exits, two seeds per dataset) but not on the main job, where two runs that differ only
-# in rounding reached 30.20 and 32.18 against every step's 30.64 (which reruns exactly), with 58.6 % of
-# the pool read instead of 68.1 %; and they train every step plus the coda and LM head on each exit (0.6x
+# in rounding scored 29.72 and 31.54 at q = 0.5 (sliding windows) against every step's 30.25 (the
+# every-step main job reruns exactly), the second with 58.6 % of
+# the pool read instead of 68.1 %; and they train every step plus the coda and LM head on each exit (0.61x
 # the training speed): an option too. DPSNRConfig's own defaults keep the first design, so configs saved
 # before these fields existed load as they were trained.
 BLOCK_LOOP = dict(loop_step="block", loop_halting="fixed")
