@@ -257,6 +257,18 @@ def test_fused_read_equals_the_plain_read_including_every_gradient(entry, sparse
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_fused_read_chunks_fit_a_cpu_cache_and_only_bound_memory_on_an_accelerator():
+    import modeling_dpsnr.reads as reads
+
+    n, J, d = 8192, 32, 256  # micro at 32 x 256 tokens: 4 heads x k 8 rows of 256 floats per token
+    for device, budget in ((torch.device("cpu"), reads.CHUNK_FLOATS), (torch.device("meta"), reads.ACCELERATOR_CHUNK_FLOATS)):
+        chunks = reads._chunks(n, J, d, device)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(a == b_prev for (a, _), (_, b_prev) in zip(chunks[1:], chunks[:-1]))  # contiguous, no gaps
+        assert max((b - a) * J * d for a, b in chunks) <= budget
+    assert len(reads._chunks(n, J, d, torch.device("cpu"))) >= 64 * len(reads._chunks(n, J, d, torch.device("meta")))
+
+
 def test_retrieval_gradients_flow_through_the_chosen_sub_keys_only_and_equal_the_dense_ones():
     """Scores of the chosen entries are recomputed from their sub-keys; the gradient must equal the one
     through the full (n, H, n1) score tensors, and be zero on sub-keys no chosen entry uses."""
