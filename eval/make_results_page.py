@@ -304,6 +304,10 @@ def build(results: Path, page: Path) -> str:
                           [results / "pool_scale_hashed" / "bench_pool_scale.png"])
     lines += section_json("CUDA checks (`scripts/check_gpu.sh`)", results / "gpu" / "check_gpu.json", page, [])
     lines += section_json("Training on one GPU (accelerate, bf16)", results / "gpu" / "train_runs.json", page, [])
+    lines += section_json("Throughput on one GPU: DPSN-R vs its dense twin, and vs pool size", results / "gpu" / "bench_throughput.json",
+                          page, [results / "gpu" / "bench_throughput.png"])
+    lines += section_json("The same GPU benchmark with CPU-cache-sized read chunks (before a6e6fc1)",
+                          results / "gpu" / "bench_throughput_cache_chunks.json", page, [])
     return "\n".join(lines) + "\n"
 
 
