@@ -88,6 +88,29 @@ def test_matches_lazy_adam_reference_and_untouched_rows_stay_bit_identical(rowwi
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
+def test_tables_sharing_the_row_buffers_match_the_reference_as_touched_rows_grow_and_shrink(rowwise: bool) -> None:
+    # The update gathers rows into buffers kept between steps and shared by tables of one width:
+    # a step touching more rows than any before grows them, a smaller one uses a prefix.
+    torch.manual_seed(1)
+    n, d = 12, 3
+    tables = [nn.Parameter(torch.randn(n, d, dtype=torch.float64)) for _ in range(2)]
+    refs = [LazyAdamReference(t.detach().clone(), rowwise) for t in tables]
+    opt = SparseRowAdam(tables, lr=LR, betas=BETAS, eps=EPS, rowwise_second_moment=rowwise)
+    steps = [([4], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]), ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11], [2, 2]), ([5, 1], [11, 0, 3])]
+    for per_table in steps:
+        for table, ref, index in zip(tables, refs, per_table):
+            values = torch.randn(len(index), d, dtype=torch.float64)
+            table.grad = row_sparse(index, values, n)
+            ref.step(index, values)
+        opt.step()
+        for table, ref in zip(tables, refs):
+            torch.testing.assert_close(table.detach(), ref.p, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(opt.state[table]["exp_avg"], ref.m, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(opt.state[table]["exp_avg_sq"], ref.v, rtol=1e-12, atol=1e-12)
+    assert "_workspace" not in opt.state_dict()["state"] and set(opt.state_dict()["state"]) == {0, 1}
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
 def test_duplicate_rows_are_summed_not_overwritten(rowwise: bool) -> None:
     a = torch.tensor([[2.0, -1.0, 0.5]])
     c = torch.tensor([[-1.0, 3.0, 0.5]])

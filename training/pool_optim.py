@@ -173,6 +173,9 @@ def _validate_group(group: dict[str, Any]) -> None:
         )
 
 
+_KEEP_FLOATS = 1 << 26  # largest row buffer the update keeps between steps (256 MB in float32)
+
+
 class SparseRowAdam(torch.optim.Optimizer):
     """Lazy Adam over the rows of 2-D tables, step cost O(rows touched); see the module docstring.
 
@@ -299,27 +302,50 @@ class SparseRowAdam(torch.optim.Optimizer):
                 self._update_rows(p, self.state[p], rows, grad_rows, group)
         return loss
 
-    @staticmethod
+    def _rows(self, slot: str, like: Tensor, num_rows: int, width: int | None) -> Tensor:
+        """A (num_rows, width) buffer, or (num_rows,) for width None, kept between steps.
+
+        The update gathers the touched rows of the table and of both moments into these. Fresh
+        (U, d) tensors every step cost more than the gathers themselves on a CPU: a touched-row
+        gather of 26,836 rows of 256 floats took 14-29 ms into a new tensor and 2.5-3.4 ms into a
+        reused one (one thread). Not optimizer state: never saved, rebuilt on demand, grown by a
+        quarter when a step touches more rows than any before. A buffer over ``_KEEP_FLOATS``
+        elements is not kept (fresh each step), so a huge step does not pin its rows' memory.
+        """
+        tail = () if width is None else (width,)
+        if num_rows * (width or 1) > _KEEP_FLOATS:
+            return like.new_empty((num_rows,) + tail)
+        workspace = self.__dict__.setdefault("_workspace", {})
+        key = (slot, like.device, like.dtype, tail)
+        buf = workspace.get(key)
+        if buf is None or buf.shape[0] < num_rows:
+            buf = like.new_empty((num_rows + num_rows // 4,) + tail)
+            workspace[key] = buf
+        return buf[:num_rows]
+
     def _update_rows(
-        p: Tensor, state: dict[str, Tensor], rows: Tensor, grad: Tensor, group: dict[str, Any]
+        self, p: Tensor, state: dict[str, Tensor], rows: Tensor, grad: Tensor, group: dict[str, Any]
     ) -> None:
         """Adam on the rows ``rows`` (U,) of ``p`` with summed gradient ``grad`` (U, d).
 
-        Every read is an ``index_select`` of U rows and every write an ``index_copy_`` of U
-        rows. With every row touched this is torch.optim.Adam's update up to rounding.
+        Every read is an ``index_select`` of U rows into a reused buffer and every write an
+        ``index_copy_`` of U rows. With every row touched this is torch.optim.Adam's update up to
+        rounding.
         """
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
         rowwise = group["rowwise_second_moment"]
+        num_rows, width = grad.shape
 
         step = state["step"].index_select(0, rows).add_(1)  # (U,) int32
         state["step"].index_copy_(0, rows, step)
 
-        exp_avg = state["exp_avg"].index_select(0, rows)  # (U, d)
+        exp_avg = torch.index_select(state["exp_avg"], 0, rows, out=self._rows("exp_avg", p, num_rows, width))
         exp_avg.lerp_(grad, 1.0 - beta1)
         state["exp_avg"].index_copy_(0, rows, exp_avg)
 
-        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)  # (U, d) or (U,)
+        exp_avg_sq = torch.index_select(state["exp_avg_sq"], 0, rows,
+                                        out=self._rows("exp_avg_sq", p, num_rows, None if rowwise else width))
         if rowwise:
             exp_avg_sq.mul_(beta2).add_(grad.square().mean(dim=1), alpha=1.0 - beta2)
         else:
@@ -342,7 +368,8 @@ class SparseRowAdam(torch.optim.Optimizer):
         denom.add_(eps_row)
         exp_avg.mul_(step_size)  # likewise reused; now the numerator of the update
         # Gather, update, scatter: measured faster on CPU than p.index_add_(0, rows, -update).
-        p.index_copy_(0, rows, p.index_select(0, rows).addcdiv_(exp_avg, denom, value=-1.0))
+        rows_of_p = torch.index_select(p, 0, rows, out=self._rows("param", p, num_rows, width))
+        p.index_copy_(0, rows, rows_of_p.addcdiv_(exp_avg, denom, value=-1.0))
 
 
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float) -> Tensor:
