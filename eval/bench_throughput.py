@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dpsnr.eval.common import git_revision
     from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 
     overrides = yaml.safe_load(args.overrides) or {}
@@ -225,6 +226,7 @@ def main(argv=None) -> dict:
         "command": "dpsnr bench-throughput " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        **git_revision(),
         "settings": {k: v for k, v in vars(args).items() if k != "output"}, "config_overrides": overrides,
         "twin": twin, "pool_sweep": sweep, "ratios": ratios,
     }

@@ -204,6 +204,24 @@ def load_eval_ids(args: EvalArguments, tokenizer: PreTrainedTokenizerBase) -> tu
 # ----------------------------------------------------------------------------- writing results
 
 
+def git_revision(root: str | os.PathLike | None = None) -> dict:
+    """{"commit": HEAD's hash, "dirty": tracked files modified} of the checkout at `root` (default: this
+    repository), None each where git or the checkout is missing (an installed wheel). Every saved
+    result records where its figures came from."""
+    import subprocess
+
+    where = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def json_safe(value: Any) -> Any:
     """NaN / inf → None and tensors → lists, so the JSON is strict."""
     if isinstance(value, dict):

@@ -313,15 +313,11 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict:
 def provenance(command: str = "dpsnr study") -> dict:
     import transformers
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
+    from dpsnr.eval.common import git_revision
 
     return {
         "command": command + " " + " ".join(sys.argv[1:]),
-        "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        **git_revision(ROOT),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

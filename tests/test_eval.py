@@ -3,6 +3,7 @@ classes, pool usage statistics, and the three scripts end to end on the debug mo
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,8 @@ from torch import nn
 
 from dpsnr.eval.common import EvalArguments, eval_documents
 from dpsnr.eval.perplexity import compute_perplexity, iter_scored_windows, sliding_windows
+
+ROOT = Path(__file__).resolve().parents[1]
 from dpsnr.eval.perplexity import main as perplexity_main
 from dpsnr.eval.pool_health import evaluate_pool_usage, usage_statistics, write_pool_report
 from dpsnr.eval.pool_health import main as pool_health_main
@@ -390,6 +393,8 @@ def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_p
     assert 1.0 <= adaptive["mean_steps"] < 4.0  # threshold routing in training keeps a share of the tokens per step
     assert report["ratios"]["train_ideal_speedup_vs_every_step"] > 1.0
     assert set(report["pool_sweep"]) == {"pool_2^10", "pool_2^11"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert report["commit"] == (head or None) and "dirty" in report  # where the figures came from
     # trained exits: --exit-samples reaches the model's execution, and the cost model follows it
     from argparse import Namespace
 
