@@ -51,6 +51,8 @@ COMMANDS: dict[str, Command] = {
                               "dpsnr retrofit-study --tokens 358400"),
     "bench-throughput": Command("dpsnr.eval.bench_throughput", "train/decode tokens/s vs the dense twin and pool size",
                                 "dpsnr bench-throughput --repeats 3"),
+    "profile-step": Command("dpsnr.eval.profile_step", "torch.profiler tables of a training step and of decoding",
+                            "dpsnr profile-step --device cuda --batch 32 --block 256"),
     "bench-optimizer": Command("dpsnr.eval.bench_optimizer", "pool optimizer step time as the pool grows",
                                "dpsnr bench-optimizer --max-log2-rows 18"),
     "bench-pool-scale": Command("dpsnr.eval.bench_pool_scale", "decode speed and memory of memory-mapped pools",

@@ -379,6 +379,20 @@ def test_seed_spread_section_by_hand(tmp_path):
     assert section_seed_spread(tmp_path / "none")[-2].startswith("_Not run yet")
 
 
+def test_profile_step_writes_both_tables_and_a_summary(tmp_path):
+    from dpsnr.eval.profile_step import main
+
+    out = tmp_path / "profile.txt"
+    summary = main(["--preset", "debug", "--batch", "2", "--block", "8", "--warmup", "1", "--steps", "1",
+                    "--new-tokens", "2", "--rows", "5", "--output", str(out)])
+    text = out.read_text()
+    assert json.loads(text.splitlines()[0]) == summary
+    assert "## training, two steps" in text and "## greedy decoding, 2 tokens" in text and text.count("Self CPU") >= 2
+    assert all(v > 0 for v in summary["train_phases"].values())
+    assert summary["train_per_step"]["aten_calls"] > summary["decode_per_token"]["aten_calls"] > 0
+    assert "device_ms" not in summary["train_per_step"]  # a CPU run reports no device time
+
+
 def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_path):
     from dpsnr.eval.bench_throughput import main
 
