@@ -283,7 +283,8 @@ ENTRY_READS: dict[str, Callable[..., torch.Tensor]] = {"neuron": read_neurons, "
 CHUNK_FLOATS = 1 << 19  # gathered floats per chunk on a CPU (2 MB in float32): rows stay in a core's cache
 # On an accelerator the chunks only bound memory (128 MB in float32): cache-sized ones there cost
 # kernel launches each — a GPU training step of micro at 32 × 256 tokens ran ~1,550 chunks per step,
-# ~4,800 kernel launches, and its host side took 4.9× the GPU's time (torch.profiler on an H200).
+# ~4,800 kernel launches, and its host side took 4.9× the GPU's time (torch.profiler on an H200:
+# eval/results/gpu/profile_train_step_h200_cache_chunks.txt, and profile_train_step_h200.txt after).
 ACCELERATOR_CHUNK_FLOATS = 1 << 25
 
 

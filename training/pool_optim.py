@@ -305,10 +305,10 @@ class SparseRowAdam(torch.optim.Optimizer):
     def _rows(self, slot: str, like: Tensor, num_rows: int, width: int | None) -> Tensor:
         """A (num_rows, width) buffer, or (num_rows,) for width None, kept between steps.
 
-        The update gathers the touched rows of the table and of both moments into these. Fresh
-        (U, d) tensors every step cost more than the gathers themselves on a CPU: a touched-row
-        gather of 26,836 rows of 256 floats took 14-29 ms into a new tensor and 2.5-3.4 ms into a
-        reused one (one thread). Not optimizer state: never saved, rebuilt on demand, grown by a
+        The update gathers the touched rows of the table and of both moments into these. On a CPU,
+        gathering some 27k sorted rows of 256 floats into a fresh tensor each step took several times
+        as long as into a reused one (`dpsnr profile-step` shows the optimizer's gathers among the
+        step's largest operator calls). Not optimizer state: never saved, rebuilt on demand, grown by a
         quarter when a step touches more rows than any before. A buffer over ``_KEEP_FLOATS``
         elements is not kept (fresh each step), so a huge step does not pin its rows' memory.
         """
