@@ -105,12 +105,25 @@ class ProductKeyRetriever(nn.Module):
         idx = self.select(*self._selection_scores(s1, s2))  # (n, H, k)
         # Weights use the plain scores: bias and noise only steer the selection.
         i1, i2 = idx // self.n2, idx % self.n2
-        heads = torch.arange(self.heads, device=idx.device).view(1, -1, 1)
-        scores = (q1.unsqueeze(2) * keys1[heads, i1]).sum(-1) + (q2.unsqueeze(2) * keys2[heads, i2]).sum(-1)  # (n, H, k)
+        if torch.is_grad_enabled() and (q.requires_grad or keys1.requires_grad or keys2.requires_grad):
+            scores = self._chosen_scores(q1, keys1, i1) + self._chosen_scores(q2, keys2, i2)  # (n, H, k)
+        else:  # nothing to differentiate: the chosen entries' scores are already in s1 and s2
+            scores = s1.gather(-1, i1) + s2.gather(-1, i2)
         weights = scores.float().softmax(dim=-1).to(x.dtype)
         if self.balance and self.training:
             self._update_balance(i1, i2, token_mask)
         return Retrieval(indices=idx, weights=weights)
+
+    def _chosen_scores(self, q: torch.Tensor, keys: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """q (n, H, c/2) · keys[h, i[n, h, j]] → (n, H, k), with gradients for q and the chosen sub-keys.
+        The rows are read from the flattened (H·m, c/2) table with `index_select`, whose backward is an
+        `index_add`. The per-head advanced index `keys[heads, i]` it replaces backpropagates through a
+        sort-based `index_put`: 12 % of an H200's kernel time in a training step of micro, most of its
+        calls from here (eval/results/gpu/profile_train_step_h200.txt)."""
+        heads, m, half = keys.shape
+        offsets = torch.arange(0, heads * m, m, device=i.device).view(1, -1, 1)  # (1, H, 1) first row of each head
+        rows = keys.reshape(heads * m, half).index_select(0, (i + offsets).reshape(-1)).view(*i.shape, half)  # (n, H, k, c/2)
+        return torch.matmul(rows, q.unsqueeze(-1)).squeeze(-1)
 
     def unit_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sub-keys scaled to unit norm. Without autograd (decoding, evaluation) kept until a sub-key

@@ -35,6 +35,20 @@ def test_product_key_topk_equals_exhaustive(num_entries):
     torch.testing.assert_close(a.weights.gather(-1, ia), b.weights.gather(-1, ib))
 
 
+@pytest.mark.parametrize("num_entries", [300, 1031])
+def test_retrieval_without_autograd_reads_the_chosen_scores_off_the_selection(num_entries):
+    # Training recomputes the chosen entries' scores from their sub-keys (for their gradients); without
+    # autograd they are gathered from the selection's scores: the same weights, full rows or a partial last row.
+    r = _retriever(num_entries)
+    x = torch.randn(32, r.query.in_features, requires_grad=True)
+    out = r(x)
+    assert out.weights.requires_grad
+    with torch.no_grad():
+        no_grad = r(x)
+    assert torch.equal(no_grad.indices, out.indices)
+    torch.testing.assert_close(no_grad.weights, out.weights)
+
+
 def test_product_key_sizes_leave_at_most_one_partial_row():
     for n in [1, 2, 7, 100, 101, 70000, 48_828_125]:
         n1, n2 = product_key_sizes(n)
