@@ -58,6 +58,8 @@ class HaltingPolicy(nn.Module):
     state), and give the same numbers for a row whether it is processed alone or with others."""
 
     has_loss = False  # whether `cost` is a loss term (reported as `ponder_loss`)
+    halts_early = True  # whether a token may halt before loop_max_steps; False: every token halts at the
+    #                     last step, so the eager driver needs neither decisions nor a host sync per step
     trains_exits = False  # whether training needs every step's state (the model's loss weighs the exits)
 
     def __init__(self, config: DPSNRConfig):
@@ -107,6 +109,8 @@ class ACTHalting(HaltingPolicy):
 
 
 class FixedSteps(HaltingPolicy):
+    halts_early = False
+
     def decide(self, s, h_new, state, valid=None):
         halts = self._last(s, h_new)
         zeros = h_new.new_zeros(h_new.shape[0], dtype=torch.float32)

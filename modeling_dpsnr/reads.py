@@ -265,6 +265,8 @@ def read_neurons(part: EntryTables, idx: torch.Tensor, coef: torch.Tensor, x: to
     if part.fused_reads and not read.static and part.row_gather is None and part.v.device == x.device:
         # Chunked read that never materialises the gathered rows; the plain one below is its reference,
         # and the static driver's (it lowers on XLA).
+        if not torch.is_grad_enabled():  # decoding, evaluation: the forward alone, without autograd's Function
+            return _neuron_forward(part.u, part.v, idx, coef.to(x.dtype), x, part.act)[0]
         grads = _table_gradients(part, read, (part.u, part.v))
         if grads is None:
             return neuron_read(part.u, part.v, idx, coef.to(x.dtype), x, part.act, part.sparse_grads)
@@ -305,8 +307,11 @@ def _chunks(n: int, J: int, d: int, device: torch.device):
 def _row_dots(table: torch.Tensor, idx: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
     """(n, J) dots table[idx[n, j]] · vecs[n], the rows gathered a cache-sized chunk at a time."""
     n, J = idx.shape
+    chunks = _chunks(n, J, table.shape[1], vecs.device)
+    if len(chunks) == 1:  # e.g. decoding: no output buffer to fill
+        return torch.bmm(F.embedding(idx, table).to(vecs.dtype), vecs.unsqueeze(-1)).squeeze(-1)
     out = vecs.new_empty(n, J)
-    for a, b in _chunks(n, J, table.shape[1], vecs.device):
+    for a, b in chunks:
         out[a:b] = torch.bmm(F.embedding(idx[a:b], table).to(vecs.dtype), vecs[a:b].unsqueeze(-1)).squeeze(-1)
     return out
 
@@ -321,12 +326,17 @@ def _own_table_grads(tables, idx: torch.Tensor, parts, sparse: bool) -> list[tor
             for table, part in zip(tables, parts)]
 
 
+def _neuron_forward(u, v, idx, weights, x, act) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (n, d), dots (n, J)): u·x with the rows gathered in cache (tables may be fp16 on disk), then
+    the weighted, activated sum of v's rows through `embedding_bag`."""
+    dots = _row_dots(u, idx, x)
+    return F.embedding_bag(idx, v, per_sample_weights=(weights * act(dots)).to(v.dtype), mode="sum").to(x.dtype), dots
+
+
 class _NeuronRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, v, idx, weights, x, act, sparse, grads):
-        # u·x (n, J), kept for backward (small); rows gathered in cache (tables may be fp16 on disk)
-        dots = _row_dots(u, idx, x)
-        out = F.embedding_bag(idx, v, per_sample_weights=(weights * act(dots)).to(v.dtype), mode="sum").to(x.dtype)
+        out, dots = _neuron_forward(u, v, idx, weights, x, act)  # dots (n, J) kept for backward (small)
         ctx.save_for_backward(u, v, idx, weights, x, dots)
         ctx.act, ctx.sparse = act, sparse
         ctx.grads, ctx.read = grads, (grads.record(idx) if grads is not None else None)

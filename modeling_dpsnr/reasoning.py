@@ -277,17 +277,27 @@ class ReasoningLoop(nn.Module):
             if dec.weight is not None:
                 acc = acc + dec.weight.unsqueeze(-1).to(h_new.dtype) * h_new
             out = acc if dec.weight is not None else h_new  # (m, d) the output of a token halting now
-            prob_idx.append(running)
-            prob_step.append(torch.full_like(running, s))
-            prob_val.append(dec.prob)
+            if policy.halts_early:  # a fixed depth reports 0 everywhere: the zeros below stand
+                prob_idx.append(running)
+                prob_step.append(torch.full_like(running, s))
+                prob_val.append(dec.prob)
             halts = dec.halts
             if ctx.step_states is not None:  # training runs every row every step (TrainedExits)
                 ctx.step_states.append(h_new if mask is None else h0.index_copy(0, running, h_new))
             if step.attends:
                 full = h_new if running.shape[0] == n else full.index_copy(0, running, h_new)
                 ctx.kv["state"], ctx.kv["stale"] = full, running  # every processed row changed
-            if not bool(halts.any()):  # nobody halts: no gather, no scatter (and none in backward)
-                h = h_new
+            if not policy.halts_early:  # fixed depth: nobody halts before the last step, everybody at it
+                if s < S - 1:
+                    h = h_new
+                    continue
+                done_idx.append(running)
+                done_out.append(out)
+                done_cost.append(h.new_zeros(running.shape[0], dtype=torch.float32))
+                done_steps.append(torch.full_like(running, S))
+                break
+            if not bool(halts.any()):  # nobody halts: no gather, no scatter (and none in backward; no
+                h = h_new  #              host sync either for a fixed depth, above)
                 continue
             done_idx.append(running[halts])
             done_out.append(out[halts])
@@ -301,15 +311,18 @@ class ReasoningLoop(nn.Module):
         if step.attends:
             step.finish(full, ctx.kv["stale"], steps_done, ctx)
 
-        hidden = h0 if mask is not None else h0.new_zeros(n, d)  # padding keeps its state (index_copy is out of place)
-        steps = torch.zeros(n, dtype=torch.long, device=device)
         ponder = torch.zeros(n, dtype=torch.float32, device=device)
         probs = torch.zeros(n, S, dtype=torch.float32, device=device)
+        if mask is None and not policy.halts_early and done_out:  # every token ran every step, in order
+            return done_out[0], torch.full((n,), S, dtype=torch.long, device=device), probs, ponder
+        hidden = h0 if mask is not None else h0.new_zeros(n, d)  # padding keeps its state (index_copy is out of place)
+        steps = torch.zeros(n, dtype=torch.long, device=device)
         if done_idx:
             idx = torch.cat(done_idx)
             hidden = hidden.index_copy(0, idx, torch.cat(done_out))
             ponder = ponder.index_copy(0, idx, torch.cat(done_cost))
             steps = steps.index_copy(0, idx, torch.cat(done_steps))
+        if prob_idx:
             probs = probs.index_put((torch.cat(prob_idx), torch.cat(prob_step)), torch.cat(prob_val))
         return hidden, steps, probs, ponder
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from transformers import DynamicCache
 
 from modeling_dpsnr.reads import PoolRead
@@ -163,6 +164,35 @@ def test_fixed_steps_run_every_step_and_add_no_ponder_term(name):
     out = model(ids, labels=ids)
     assert (out.reasoning_steps == model.config.loop_max_steps).all()
     torch.testing.assert_close(out.loss, out.lm_loss)
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that read a tensor's value on the host (a sync on an accelerator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("step_kind", STEPS)
+def test_a_fixed_depth_loop_reads_nothing_on_the_host_and_agrees_with_the_static_driver(step_kind):
+    eager = tiny_model(loop_halting="fixed", loop_step=step_kind, loop_mode="eager")
+    static = tiny_model(loop_halting="fixed", loop_step=step_kind, loop_mode="static")
+    static.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 97, (2, 9))
+    out = eager.model.embed_tokens(ids)
+    with _HostSyncs() as syncs:  # the loop alone: every running token halts at the last step, known up front
+        eager.model.loop(out, None, token_embeddings=out, position_embeddings=eager.model.rotary_emb(out, torch.arange(9)[None]))
+    assert syncs.count == 0
+    adaptive = tiny_model(loop_halting="act", loop_step=step_kind, loop_mode="eager")
+    with _HostSyncs() as syncs:  # the probe can fail: a policy that may halt early asks at every step
+        adaptive.model.loop(out, None, token_embeddings=out, position_embeddings=adaptive.model.rotary_emb(out, torch.arange(9)[None]))
+    assert syncs.count >= 1
+    assert_drivers_agree(eager, static, ids, torch.ones_like(ids))  # no padding: the loop's shortcut
 
 
 def test_loss_is_lm_plus_weighted_ponder():
