@@ -117,19 +117,21 @@ class BlockStep(TokenStep):
 
     def forward(self, h, s, rows, token, token_mask, ctx: LoopContext):
         kv = ctx.kv
-        # 1. keys / values at depth s: recompute the rows whose state changed since the last step
-        #    (running or just halted); halted rows keep theirs (their deepest state).
-        self._refresh_kv(kv, ctx)
-        keys, values = kv["k"], kv["v"]  # (B·T, kvH, hd)
         B, T = ctx.batch, ctx.length
+        x = self.attn_norm(h)  # (m, d)
+        # 1. keys / values at depth s: recompute the rows whose state changed since the last step
+        #    (running or just halted); halted rows keep theirs (their deepest state). Rows are sorted
+        #    and distinct, so m = B·T means every row, in order: no gather or scatter. When the stale
+        #    rows are the processed ones (nobody halted since the last step), their normalised state is x.
+        every = rows.shape[0] == B * T
+        stale = kv["stale"]
+        self._refresh_kv(kv, ctx, x if stale is rows or (every and stale.shape[0] == B * T) else None)
+        keys, values = kv["k"], kv["v"]  # (B·T, kvH, hd)
         k = keys.view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, kvH, T, hd)
         v = values.view(B, T, *values.shape[1:]).transpose(1, 2)
         if ctx.cache is not None:
             k, v = cache_update(ctx.cache, k, v, ctx.cache_layer + s)
-        # 2. queries of the processed rows only, laid out densely for the attention kernel. Rows are
-        #    sorted and distinct, so m = B·T means every row, in order: no gather or scatter.
-        every = rows.shape[0] == B * T
-        x = self.attn_norm(h)  # (m, d)
+        # 2. queries of the processed rows only, laid out densely for the attention kernel.
         q_rows = self.attn.queries(x, *((ctx.cos, ctx.sin) if every else (ctx.cos[rows], ctx.sin[rows])))  # (m, H, hd)
         q = q_rows if every else q_rows.new_zeros(B * T, *q_rows.shape[1:]).index_copy(0, rows, q_rows)
         q = q.view(B, T, *q_rows.shape[1:]).transpose(1, 2)  # (B, H, T, hd)
@@ -139,12 +141,13 @@ class BlockStep(TokenStep):
         # 3. the pool read is the block's MLP
         return h + self.read(self.norm(h), s, rows, token, token_mask, ctx)
 
-    def _refresh_kv(self, kv: dict, ctx: LoopContext) -> None:
+    def _refresh_kv(self, kv: dict, ctx: LoopContext, normed: torch.Tensor | None = None) -> None:
+        """normed: attn_norm of the stale rows' state, when the caller has it."""
         stale = kv["stale"]  # (r,) flat rows whose state changed
         if stale.numel() == 0 and kv["k"] is not None:
             return
         every = stale.shape[0] == kv["state"].shape[0]  # every row, in order (stale rows are sorted, distinct)
-        x = self.attn_norm(kv["state"] if every else kv["state"][stale])
+        x = normed if normed is not None else self.attn_norm(kv["state"] if every else kv["state"][stale])
         k_new, v_new = self.attn.keys_values(x, *((ctx.cos, ctx.sin) if every else (ctx.cos[stale], ctx.sin[stale])))  # (r, kvH, hd)
         if kv["k"] is None or every:
             kv["k"], kv["v"] = k_new, v_new  # e.g. the first step: every row is stale

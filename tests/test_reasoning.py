@@ -180,19 +180,37 @@ class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("step_kind", STEPS)
 def test_a_fixed_depth_loop_reads_nothing_on_the_host_and_agrees_with_the_static_driver(step_kind):
-    eager = tiny_model(loop_halting="fixed", loop_step=step_kind, loop_mode="eager")
-    static = tiny_model(loop_halting="fixed", loop_step=step_kind, loop_mode="static")
+    eager = tiny_model(loop_halting="fixed", loop_step=step_kind, execution={"loop_mode": "eager"})
+    static = tiny_model(loop_halting="fixed", loop_step=step_kind, execution={"loop_mode": "static"})
     static.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 97, (2, 9))
     out = eager.model.embed_tokens(ids)
     with _HostSyncs() as syncs:  # the loop alone: every running token halts at the last step, known up front
         eager.model.loop(out, None, token_embeddings=out, position_embeddings=eager.model.rotary_emb(out, torch.arange(9)[None]))
     assert syncs.count == 0
-    adaptive = tiny_model(loop_halting="act", loop_step=step_kind, loop_mode="eager")
+    adaptive = tiny_model(loop_halting="act", loop_step=step_kind, execution={"loop_mode": "eager"})
     with _HostSyncs() as syncs:  # the probe can fail: a policy that may halt early asks at every step
         adaptive.model.loop(out, None, token_embeddings=out, position_embeddings=adaptive.model.rotary_emb(out, torch.arange(9)[None]))
     assert syncs.count >= 1
     assert_drivers_agree(eager, static, ids, torch.ones_like(ids))  # no padding: the loop's shortcut
+
+
+@pytest.mark.parametrize("loop_mode", ["eager", "static"])
+def test_block_step_normalises_each_state_once_while_nobody_halts(loop_mode):
+    # Keys and queries of a step come from the same normalised state: one attn_norm per step when the rows
+    # whose keys need refreshing are the rows the step runs; padding (eager) makes them differ at step 0.
+    model = tiny_model(loop_halting="fixed", loop_step="block", execution={"loop_mode": loop_mode}).eval()
+    calls = []
+    model.model.loop.step.attn_norm.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    ids = torch.randint(0, 97, (2, 7))
+    model(ids)
+    assert len(calls) == model.config.loop_max_steps
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    calls.clear()
+    model(ids, attention_mask=mask)
+    extra = 1 if loop_mode == "eager" else 0  # eager: the padded rows' keys at step 0 are normalised apart
+    assert len(calls) == model.config.loop_max_steps + extra
 
 
 def test_loss_is_lm_plus_weighted_ponder():
