@@ -123,7 +123,7 @@ class ProductKeyRetriever(nn.Module):
         heads, m, half = keys.shape
         offsets = torch.arange(0, heads * m, m, device=i.device).view(1, -1, 1)  # (1, H, 1) first row of each head
         rows = keys.reshape(heads * m, half).index_select(0, (i + offsets).reshape(-1)).view(*i.shape, half)  # (n, H, k, c/2)
-        return (rows * q.unsqueeze(2)).sum(-1)  # elementwise: on a CPU ~1.5x faster than k-row matmuls, backward included
+        return (rows * q.unsqueeze(2)).sum(-1)  # elementwise, not k-row matmuls: faster on a CPU (eval/results/bench_throughput_scores_ab.json)
 
     def unit_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sub-keys scaled to unit norm. Without autograd (decoding, evaluation) kept until a sub-key
