@@ -31,20 +31,26 @@ def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | Non
 
 
 def cache_update(cache, k, v, layer: int):
-    """Append k, v to cache layer `layer`, adding dynamic layers past the controller's ones (a
-    DynamicCache built from the config has exactly num_hidden_layers)."""
+    """Append k, v to cache layer `layer`, adding layers past the controller's ones like those it has (a
+    cache built from the config has exactly num_hidden_layers): dynamic layers to a DynamicCache, static
+    layers of the same length to a StaticCache (`generate(cache_implementation="static")`, compiled decoding)."""
     layers = getattr(cache, "layers", None)
     if layers is not None and len(layers) <= layer:
         if getattr(cache, "layer_class_to_replicate", None) is None:
-            from transformers.cache_utils import DynamicCache, DynamicLayer
+            from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
-            if not isinstance(cache, DynamicCache):
+            if isinstance(cache, DynamicCache):
+                make = DynamicLayer
+            elif layers and all(type(existing) is StaticLayer for existing in layers):
+                make = lambda: StaticLayer(max_cache_len=layers[0].max_cache_len)  # noqa: E731
+            else:
                 raise ValueError(
-                    f"loop_step='block' keeps one cache layer per reasoning step; {type(cache).__name__} has a fixed "
-                    "number of layers. Use the default DynamicCache (cache_implementation='dynamic')."
+                    f"this model keeps cache layers past its {len(layers)} blocks (one per reasoning step of "
+                    f"loop_step='block', and the ids a hashed n-gram read needs); {type(cache).__name__} cannot add "
+                    "them. Use a DynamicCache (the default) or a StaticCache (cache_implementation='static')."
                 )
             while len(layers) <= layer:
-                layers.append(DynamicLayer())
+                layers.append(make())
     return cache.update(k, v, layer)
 
 

@@ -121,6 +121,17 @@ def ngram_cache_layer(config: DPSNRConfig) -> int:
     return config.num_hidden_layers + (config.loop_max_steps if config.loop_step == "block" else 0)
 
 
+def real_tokens(attention_mask: torch.Tensor, length: int, past) -> torch.Tensor:
+    """(B, length) bool: which of this forward's tokens are real (not padding), from the 2-D mask a caller
+    passes or the 4-D one `generate` builds for a static cache (B, 1, length, keys), where a padded token does
+    not see itself: its diagonal entry, at key position past + t, is masked (False, or a large negative bias)."""
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:] != 0
+    t = torch.arange(length, device=attention_mask.device)
+    diagonal = attention_mask[:, 0, t, t + past]  # (B, length)
+    return diagonal if diagonal.dtype == torch.bool else diagonal == 0
+
+
 def ngram_windows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache, cache_layer: int,
                   context: int) -> torch.Tensor:
     """(B, T) ids → (B·T, C) windows: column i holds the token i positions back (+1), 0 before the start.
@@ -129,21 +140,27 @@ def ngram_windows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     With a cache, this forward's ids are appended to `cache_layer` and the earlier ones read back.
     """
     B, T = input_ids.shape
+    layers = getattr(cache, "layers", None)
+    stored = layers[cache_layer].get_seq_length() if layers is not None and len(layers) > cache_layer else 0
     ids = input_ids.long() + 1  # (B, T): 0 is the pad id
-    if attention_mask is not None and attention_mask.dim() == 2:
-        ids = ids.masked_fill(attention_mask[:, -T:] == 0, PAD_ID)
-    if cache is not None:
+    if attention_mask is not None:
+        ids = ids.masked_fill(~real_tokens(attention_mask, T, stored), PAD_ID)
+    if cache is None:
+        history = ids[:, -(T + context - 1):]  # (B, ≤ T + C − 1)
+        history = nn.functional.pad(history, (T + context - 1 - history.shape[1], 0), value=PAD_ID)  # (B, T + C − 1)
+    else:
         seen = cache.get_seq_length()
-        layers = getattr(cache, "layers", None)
-        stored = layers[cache_layer].get_seq_length() if layers is not None and len(layers) > cache_layer else 0
-        if seen != stored:
+        # A static cache counts in tensors (its lengths live on the device): its ids need no such check.
+        if not torch.is_tensor(seen) and not torch.is_tensor(stored) and seen != stored:
             raise ValueError(
                 f"the cache holds {seen} earlier tokens but the ids of {stored} (cache layer {cache_layer}): hashed "
                 "n-gram reads need the ids of earlier tokens, which this model's own forward stores in its cache."
             )
-        ids = cache_update(cache, ids.view(B, 1, T, 1), ids.new_zeros(B, 1, T, 0), cache_layer)[0].view(B, -1)
-    history = ids[:, -(T + context - 1):]  # (B, ≤ T + C − 1)
-    history = nn.functional.pad(history, (T + context - 1 - history.shape[1], 0), value=PAD_ID)  # (B, T + C − 1)
+        # positions of the last T + C − 1 ids (the history), before the update moves a static layer's count
+        pos = torch.arange(T + context - 1, device=ids.device) + (stored - (context - 1))
+        full = cache_update(cache, ids.view(B, 1, T, 1), ids.new_zeros(B, 1, T, 0), cache_layer)[0].view(B, -1)
+        # (B, stored + T), or a static layer's whole length, filled up to stored + T
+        history = full.gather(1, pos.clamp(min=0).expand(B, -1)).masked_fill((pos < 0).expand(B, -1), PAD_ID)
     return history.unfold(1, context, 1).flip(-1).reshape(B * T, context)  # (B·T, C), the token first
 
 

@@ -138,9 +138,26 @@ def test_exporting_what_cannot_be_captured_fails_with_a_clear_error():
         torch.export.export(LogitsAndSteps(dynamic_rope), (ids, mask))
 
 
+# The presets' layout: the block step keeps a cache layer per reasoning step, and a hashed n-gram partition read in
+# the prelude keeps the ids; both add layers to a cache built from the config.
+PRESET_LAYOUT = dict(loop_step="block", pool_partitions={"shared": 0.8, "ngram": 0.2}, pool_partition_retrieval={"ngram": "hashed_ngram"},
+                     ngram_prelude_partition="ngram", ngram_heads=2, loop_phase_schedule=["shared"] * 4)
+
+
+def test_a_cache_that_cannot_grow_the_layers_the_loop_needs_is_refused_by_name():
+    from transformers.cache_utils import Cache, StaticSlidingWindowLayer
+
+    model = _model(**PRESET_LAYOUT)
+    ids, mask = _padded_batch()
+    cache = Cache(layers=[StaticSlidingWindowLayer(max_cache_len=16, sliding_window=4) for _ in range(model.config.num_hidden_layers)])
+    with pytest.raises(ValueError, match="Cache cannot add them.*DynamicCache.*StaticCache"):
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("layout", [{}, PRESET_LAYOUT], ids=["token-step", "block-step-hashed"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_static_cache_generation_equals_dynamic_cache_generation(compiled):
-    model = _model()
+def test_static_cache_generation_equals_dynamic_cache_generation(compiled, layout):
+    model = _model(**layout)
     ids, mask = _padded_batch(length=6, pad=2)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
                   return_dict_in_generate=True, pad_token_id=0)
