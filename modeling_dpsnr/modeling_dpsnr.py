@@ -555,8 +555,6 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
             cache=one_cache(cache, past_key_values),
             **kwargs,
         )
-        if self._stats_collector is not None:
-            self._stats_collector.record(outputs.reasoning_steps, outputs.active_params)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -649,6 +647,14 @@ class DPSNRForCausalLM(DPSNRPreTrainedModel, GenerationMixin):
         gap = (ce[..., :-1] - last.detach()) * ((S - 1) / drawn)
         estimate = stand_in.index_add(-1, idx, gap)  # (B, T-1, S-1)
         return (p[..., :-1] * estimate).sum(-1) + p[..., -1] * last.squeeze(-1)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """generate's step between two forwards: where the reasoning statistics of a forward are recorded.
+        Not in `forward`: a compiled decoding step (static cache) would recompile for every token that
+        appended to the collector's list."""
+        if self._stats_collector is not None and getattr(outputs, "reasoning_steps", None) is not None:
+            self._stats_collector.record(outputs.reasoning_steps, outputs.active_params)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
 
     def generate(self, *args, return_reasoning_stats: bool = False, **kwargs):
         """`GenerationMixin.generate`, unchanged in behaviour, plus reasoning statistics.

@@ -28,6 +28,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .configuration_dpsnr import DPSNRConfig
+from .execution import is_tracing
 from .kinds import product_key_sizes, stripe_bounds
 from .norms import QUERY_NORMS
 from .reads import EAGER_READ, ENTRY_READS, EntryTables, PoolRead, Retrieval
@@ -130,8 +131,8 @@ class ProductKeyRetriever(nn.Module):
         changes (an in-place update bumps the tensor's version): decoding reads the pool at every
         step of every token, and would otherwise normalise 2·H·√N keys each time."""
         k1, k2 = self.sub_keys1, self.sub_keys2
-        if torch.is_grad_enabled() and (k1.requires_grad or k2.requires_grad):
-            return F.normalize(k1, dim=-1), F.normalize(k2, dim=-1)
+        if (torch.is_grad_enabled() and (k1.requires_grad or k2.requires_grad)) or is_tracing():
+            return F.normalize(k1, dim=-1), F.normalize(k2, dim=-1)  # a traced graph holds no host-side cache
         tag = (k1.data_ptr(), k1._version, k2.data_ptr(), k2._version, k1.dtype, k1.device)
         cached = self.__dict__.get("_unit_keys")
         if cached is None or cached[0] != tag:
