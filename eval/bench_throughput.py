@@ -5,7 +5,8 @@ Metric, per model, in one process (so machine load hits every model alike):
   sparse pool gradients with SparseRowAdam for the tables and AdamW for the rest, as DPSNRTrainer
   runs it; dense: AdamW), after warm-up steps;
 - decode tokens/s: greedy `generate`, batch 1, KV cache, --new-tokens after a --prompt-len prompt,
-  prefill included, after a warm-up generation;
+  prefill included, after a warm-up generation; with --compile-decode every model decodes through a
+  static KV cache with torch.compile'd decoding steps (compiled in the warm-up);
 - FLOPs per token from the cost model (modeling_dpsnr/cost.py; the dense twin's blocks counted with
   the same arithmetic) at the loop's measured mean steps, and achieved GFLOP/s = FLOPs/token × tokens/s;
 - trained exits train every exit, as the main job does (--exit-samples N: N drawn earlier exits per forward);
@@ -59,6 +60,18 @@ def dense_flops(model, context: float) -> float:
     return 2 * (macs + c.hidden_size * c.vocab_size)
 
 
+def compiled_decoding(device: torch.device) -> dict:
+    """generate kwargs for a static KV cache and torch.compile'd decoding steps (transformers' own path:
+    it compiles the decoding forward once per cache shape). transformers does so by itself on CUDA only;
+    `_compile_all_devices` is its switch for other devices. No CUDA graphs off CUDA."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False) if device.type == "cuda" else \
+        CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
 class Bench:
     """One model with its optimizer, ready to time train steps and greedy decoding."""
 
@@ -81,6 +94,7 @@ class Bench:
                          SparseRowAdam(model.pool.entry_parameters(), lr=1e-3)]
         else:
             self.opts = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+        self.decode_kwargs = compiled_decoding(device) if args.compile_decode else {}
         self.train_steps_measured: list[float] = []
         self.mean_steps = None  # training forward's mean loop steps
         self.decode_mean_steps = None
@@ -109,7 +123,7 @@ class Bench:
         n = self.args.new_tokens
         self.sync()
         start = time.perf_counter()
-        self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **self.decode_kwargs)
         self.sync()
         return n / (time.perf_counter() - start)
 
@@ -175,10 +189,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--exit-samples", type=int, default=0,
                    help="trained exits: earlier exits drawn per training forward (default 0: all of them, as the main job)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode every model through a static KV cache with torch.compile'd decoding steps (training stays eager)")
     p.add_argument("--output", default=str(RESULTS / "bench_throughput.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_decode:  # one compiled decoding step per model instance: more than dynamo's default 8 here
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     from dpsnr.eval.common import git_revision
     from modeling_dpsnr import DPSNRConfig, DPSNRForCausalLM
 
