@@ -241,6 +241,8 @@ def build(results: Path, page: Path) -> str:
     lines += section_study(results, page)
     lines += section_json("Throughput: DPSN-R vs its dense twin, and vs pool size", results / "bench_throughput.json", page,
                           [results / "bench_throughput.png"])
+    lines += section_json("Decoding compiled (static KV cache, torch.compile'd decoding steps) for both models",
+                          results / "bench_throughput_compiled_decode.json", page, [results / "bench_throughput_compiled_decode.png"])
     lines += section_json("Pool size at the main job's batch shape (8 x 256): the pool-scaling curve's speed",
                           results / "bench_throughput_pool_recipe.json", page, [results / "bench_throughput_pool_recipe.png"])
     lines += section_json("Routed halting against every step, same process (time follows steps)",
