@@ -393,6 +393,29 @@ def test_profile_step_writes_both_tables_and_a_summary(tmp_path):
     assert "device_ms" not in summary["train_per_step"]  # a CPU run reports no device time
 
 
+def test_throughput_benchmark_compiles_decoding_for_every_model_when_asked(tmp_path, monkeypatch):
+    import dpsnr.eval.bench_throughput as bench
+    from transformers import CompileConfig
+
+    graphs = []
+    original = bench.compiled_decoding
+
+    def counting(device):  # the benchmark's kwargs with a backend that runs the captured graph as is, and counts it
+        kwargs = original(device)
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, mode=None)
+        config._compile_all_devices = True
+        assert kwargs["cache_implementation"] == "static" and kwargs["compile_config"]._compile_all_devices
+        return {**kwargs, "compile_config": config}
+
+    monkeypatch.setattr(bench, "compiled_decoding", counting)
+    torch._dynamo.reset()
+    report = bench.main(["--preset", "debug", "--sizes", "--batch", "2", "--block", "16", "--steps", "1", "--warmup", "1",
+                         "--repeats", "1", "--new-tokens", "4", "--prompt-len", "4", "--compile-decode",
+                         "--output", str(tmp_path / "bench.json")])
+    assert len(graphs) >= 2  # DPSN-R's decoding step and the dense twin's
+    assert report["settings"]["compile_decode"] and report["twin"]["dpsnr"]["decode_tokens_per_second"] > 0
+
+
 def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_path):
     from dpsnr.eval.bench_throughput import main
 
