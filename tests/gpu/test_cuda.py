@@ -182,3 +182,21 @@ def test_compiled_static_loop_matches_eager_on_cuda(record):
     record("torch_compile_static", logits_max_abs_diff=diff)
     assert diff < 1e-4
     assert torch.isfinite(again).all()
+
+
+def test_compiled_static_cache_generation_on_cuda_equals_the_cpu(record):
+    # The presets' layout (block step, hashed n-grams in the prelude, unit keys): on CUDA, transformers compiles a
+    # static-cache decoding step by itself (CUDA graphs); the tokens must be the CPU's dynamic-cache ones.
+    layout = dict(loop_step="block", loop_halting="fixed", pool_partitions={"shared": 0.8, "ngram": 0.2},
+                  pool_partition_retrieval={"ngram": "hashed_ngram"}, ngram_prelude_partition="ngram", ngram_heads=2,
+                  loop_phase_schedule=["shared"] * 4, pool_query_norm="running", pool_key_norm="unit")
+    cpu = tiny_model(**layout).eval()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    prompt = _ids(2, 6, seed=2)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = cpu.generate(prompt, **kw)
+    torch._dynamo.reset()
+    got, stats = gpu.generate(prompt.to(CUDA), cache_implementation="static", return_reasoning_stats=True, **kw)
+    record("generate_static_compiled", new_tokens=int(ref.shape[1] - prompt.shape[1]))
+    assert torch.equal(got.cpu(), ref)
+    assert stats["steps"].shape == (2, kw["max_new_tokens"])
