@@ -94,7 +94,7 @@ class Bench:
                          SparseRowAdam(model.pool.entry_parameters(), lr=1e-3)]
         else:
             self.opts = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
-        self.decode_kwargs = compiled_decoding(device) if getattr(args, "compile_decode", False) else {}
+        self.decode_kwargs = compiled_decoding(device) if args.compile_decode else {}
         self.train_steps_measured: list[float] = []
         self.mean_steps = None  # training forward's mean loop steps
         self.decode_mean_steps = None

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     cfg = DPSNRConfig.from_preset(args.preset, **(yaml.safe_load(args.overrides) or {}))
     bench_args = argparse.Namespace(batch=args.batch, block=args.block, prompt_len=32, new_tokens=args.new_tokens,
-                                    exit_samples=0)
+                                    exit_samples=0, compile_decode=False)
     bench = Bench("dpsnr", DPSNRForCausalLM(cfg).to(args.device), True, bench_args)
     bench.model.train()
     for _ in range(args.warmup):

@@ -437,7 +437,7 @@ def test_throughput_benchmark_reports_every_model_and_the_halting_speed_up(tmp_p
 
     from dpsnr.eval.bench_throughput import Bench
 
-    settings = Namespace(batch=1, block=8, prompt_len=2, exit_samples=1)
+    settings = Namespace(batch=1, block=8, prompt_len=2, exit_samples=1, compile_decode=False)
     exits = DPSNRForCausalLM.from_preset("debug", loop_halting="exits")
     assert Bench("exits", exits, True, settings).model.execution.exit_samples == 1
     every = Bench("every", DPSNRForCausalLM.from_preset("debug", loop_halting="exits"), True, Namespace(**{**vars(settings), "exit_samples": 0}))

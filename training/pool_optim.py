@@ -307,8 +307,8 @@ class SparseRowAdam(torch.optim.Optimizer):
 
         The update gathers the touched rows of the table and of both moments into these. On a CPU,
         gathering some 27k sorted rows of 256 floats into a fresh tensor each step took several times
-        as long as into a reused one (`dpsnr profile-step` shows the optimizer's gathers among the
-        step's largest operator calls). Not optimizer state: never saved, rebuilt on demand, grown by a
+        as long as into a reused one (a one-thread timing when this was written; no saved record).
+        Not optimizer state: never saved, rebuilt on demand, grown by a
         quarter when a step touches more rows than any before. A buffer over ``_KEEP_FLOATS``
         elements is not kept (fresh each step), so a huge step does not pin its rows' memory.
         """
