@@ -181,6 +181,25 @@ def section_json(title: str, path: Path, page: Path, pngs: list[Path]) -> list[s
     return lines
 
 
+def _study_pool_health(rows: list[dict]) -> list[str]:
+    """`eval/pool_health.py`'s figures for every DPSN-R row above, one line per pool partition."""
+    table = []
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for r in rows:
+        for name, u in (r.get("pool_usage") or {}).items():
+            table.append({"variant": r["variant"], "partition": name, "read": pct(u.get("frac_rows_read")),
+                          "kl": u.get("kl_uniform_counts"), "gini": u.get("gini_counts"),
+                          "m50": pct(u.get("frac_rows_mass_50")), "m90": pct(u.get("frac_rows_mass_90")),
+                          "m99": pct(u.get("frac_rows_mass_99"))})
+    if not table:
+        return []
+    return ["Pool health of the same runs on the held-out text (`eval/pool_health.py`'s measures; KL of the read "
+            "counts from uniform, in nats; Gini of the read counts; the rows holding 50 / 90 / 99 % of the softmax "
+            "mass, as % of the partition's rows):", ""] + _table(table, [
+        ("variant", "variant"), ("partition", "partition"), ("rows read %", "read"), ("KL", "kl"), ("Gini", "gini"),
+        ("50 % of mass", "m50"), ("90 %", "m90"), ("99 %", "m99")]) + [""]
+
+
 def section_study(results: Path, page: Path) -> list[str]:
     """The loop and pool study (eval/study.py): one row per variant, its best learning rate."""
     rows = _load(results / "study.json")
@@ -212,6 +231,7 @@ def section_study(results: Path, page: Path) -> list[str]:
             ("variant", "variant"), ("held-out ppl", "ppl"), ("per seed", "seeds"), ("lr (ppl per lr)", "lr"),
             ("mean steps", "steps"), ("steps 1..S", "hist"), ("train GFLOPs/token", "gflops"), ("train tok/s", "train"),
             ("decode tok/s", "decode"), ("rows read % (per partition)", "read"), ("rows holding 90 % of mass %", "mass90")]) + [""]
+        lines += _study_pool_health(sub)
     png = results / "study_ppl_vs_flops.png"
     if png.exists():
         lines += [f"![perplexity vs FLOPs]({_rel(png, page)})", ""]
@@ -227,8 +247,9 @@ def section_study(results: Path, page: Path) -> list[str]:
             lines += [f"![pool scaling]({_rel(png, page)})", ""]
     legend = [r for r in rows if r["overrides"]]
     if legend:
-        lines += ["Variants (config fields each sets; `F-fixed4` is the presets' default; `dense-N` is a transformers "
-                  "Llama of the controller's width with N layers):", ""]
+        lines += ["Variants (config fields each sets; `F-fixed4` is the presets' loop and pool, and `F-fixed4-hashed` "
+                  "`micro`'s layout, which adds a hashed n-gram partition; `dense-N` is a transformers Llama of the "
+                  "controller's width with N layers):", ""]
         lines += [f"- `{v}`: `{json.dumps(o, sort_keys=True)}`"
                   for v, o in sorted({r["variant"]: r["overrides"] for r in legend}.items())] + [""]
     return lines

@@ -147,3 +147,20 @@ def test_exit_curves_are_compared_with_the_fixed_loops_at_their_own_learning_rat
     text = markdown(rows)
     assert "F-fixed4 35.00" in text  # not the 30.00 of the rate the exits never ran at
     assert "| 0.4 | 35.00 | 2.50 | 1.000 | 0.875 |" in text
+
+
+def test_the_results_page_lists_pool_health_per_partition_for_every_dpsnr_row():
+    from dpsnr.eval.make_results_page import _study_pool_health
+
+    rec = _record("F-fixed4-hashed", 3e-3, 42, 30.0)
+    rec["metrics"]["pool_usage"] = {
+        "shared": {"frac_rows_read": 0.652, "kl_uniform_counts": 2.5, "gini_counts": 0.9, "frac_rows_mass_50": 0.02,
+                   "frac_rows_mass_90": 0.142, "frac_rows_mass_99": 0.31},
+        "ngram": {"frac_rows_read": 0.983, "kl_uniform_counts": 0.4, "gini_counts": 0.5}}
+    dense = _record("dense-4", 1e-3, 42, 40.0)
+    dense["metrics"]["pool_usage"] = None
+    lines = _study_pool_health(aggregate([rec, dense]))
+    assert "| F-fixed4-hashed | shared | 65.2 | 2.5 | 0.9 | 2.0 | 14.2 | 31.0 |" in lines
+    assert "| F-fixed4-hashed | ngram | 98.3 | 0.4 | 0.5 | – | – | – |" in lines  # a measure it lacks is a dash
+    assert not any("dense-4" in line for line in lines)
+    assert _study_pool_health(aggregate([dense])) == []
