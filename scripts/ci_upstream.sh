@@ -3,11 +3,13 @@
 #
 #   scripts/ci_upstream.sh newest   newest transformers / accelerate / datasets / tokenizers /
 #                                   safetensors / huggingface_hub from the registry, unpinned: an
-#                                   upstream release that breaks us turns CI red the day it ships
+#                                   upstream release that breaks us turns CI red the day it ships;
+#                                   on torch 2.14.1, the newest torch these machines hold on disk
+#                                   (PyPI's 2.15 is a CUDA build of several GB: TORCH=torch==2.15.0)
 #   scripts/ci_upstream.sh floor    the oldest releases setup.cfg admits (transformers 5.23.0):
 #                                   remote code runs on whatever 5.x a Hub user has
 #
-# Each job builds its own venv (.venv-<job>, torch 2.13.0 CPU first so nothing pulls CUDA wheels),
+# Each job builds its own venv (.venv-<job>, torch first so nothing pulls other torch wheels),
 # installs the package without its pins, and runs the tests that touch the transformers API: model,
 # generation, cache, storage / remote code, training with the Trainer and the private Trainer hooks
 # DPSNRTrainer overrides (tests/test_trainer_hooks.py). Prints the versions it tested.
@@ -16,10 +18,11 @@ cd "$(dirname "$0")/.."
 JOB=${1:?usage: scripts/ci_upstream.sh newest|floor}
 PY=${PY:-python3}
 VENV=.venv-$JOB
-TORCH=${TORCH:-torch==2.13.0}
 case "$JOB" in
-  newest) UPSTREAM=(-U transformers accelerate datasets tokenizers safetensors huggingface_hub) ;;
-  floor)  UPSTREAM=(transformers==5.23.0 "accelerate>=1.10,<2" "datasets>=4,<6" tokenizers safetensors huggingface_hub) ;;
+  newest) TORCH=${TORCH:-torch==2.14.1}
+          UPSTREAM=(-U transformers accelerate datasets tokenizers safetensors huggingface_hub) ;;
+  floor)  TORCH=${TORCH:-torch==2.13.0}
+          UPSTREAM=(transformers==5.23.0 "accelerate>=1.10,<2" "datasets>=4,<6" tokenizers safetensors huggingface_hub) ;;
   *) echo "unknown job $JOB (newest|floor)" >&2; exit 2 ;;
 esac
 TESTS=(tests/test_modeling.py tests/test_reasoning.py tests/test_storage.py tests/test_config.py tests/test_training.py
