@@ -5,7 +5,8 @@
 #                                   safetensors / huggingface_hub from the registry, unpinned: an
 #                                   upstream release that breaks us turns CI red the day it ships;
 #                                   on torch 2.14.1, the newest torch these machines hold on disk
-#                                   (PyPI's 2.15 is a CUDA build of several GB: TORCH=torch==2.15.0)
+#                                   (PyPI's 2.15 is a CUDA build of several GB; where pip is capped at
+#                                   the torch on disk: PIP_CONSTRAINT=/dev/null TORCH=torch==2.15.0)
 #   scripts/ci_upstream.sh floor    the oldest releases setup.cfg admits (transformers 5.23.0):
 #                                   remote code runs on whatever 5.x a Hub user has
 #
