@@ -6,8 +6,10 @@ Builds the model, batch and optimizers exactly as `dpsnr bench-throughput` does 
 times the phases of a few training steps apart (forward, backward, optimizer; synchronised on a GPU),
 then profiles two training steps and one greedy generation and writes the operator tables (self CPU time,
 and self device time on a GPU) to --output. The last line printed is one JSON summary: phase times, CPU
-and device time per profiled step, operator calls and kernel launches per step. On a GPU, CPU time well
-above device time means the step waits on kernel launches, not arithmetic.
+and device time per profiled step, operator calls and kernel launches per step, and the distinct rows
+each pool table's gradient holds after one training step (the rows the optimizer reads and writes: they
+grow with the pool until nearly every read lands on a row of its own). On a GPU, CPU time well above
+device time means the step waits on kernel launches, not arithmetic.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def phase_times(bench, steps: int) -> dict:
         for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2)):
             out[key].append(dt * 1e3)
     return {k: round(statistics.median(v), 2) for k, v in out.items()}
+
+
+def pool_rows_per_step(bench) -> dict[str, list[int]]:
+    """[distinct rows its sparse gradient holds, rows of the table] for every pool table, after one
+    forward and backward of the benchmark's batch; no optimizer step, gradients cleared after."""
+    bench.model.zero_grad(set_to_none=True)
+    bench.model(bench.batch, labels=bench.batch).loss.backward()
+    rows = {name: [int(torch.unique(p.grad._indices()[0]).numel()), p.shape[0]]
+            for name, p in bench.model.named_parameters() if p.grad is not None and p.grad.is_sparse}
+    bench.model.zero_grad(set_to_none=True)
+    return rows
 
 
 def _totals(prof, steps: int, on_gpu: bool) -> dict:
@@ -95,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.warmup):
         bench.train_step()
     phases = phase_times(bench, args.steps)
+    rows = pool_rows_per_step(bench)
 
     device = torch.device(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -112,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                "device": args.device, "batch": [args.batch, args.block], **git_revision(),
                "train_phases": phases, "train_per_step": _totals(train_prof, 2, device.type == "cuda"),
                # the prompt's prefill included
-               "decode_per_token": _totals(decode_prof, args.new_tokens, device.type == "cuda")}
+               "decode_per_token": _totals(decode_prof, args.new_tokens, device.type == "cuda"),
+               "pool_rows_per_step": rows}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:

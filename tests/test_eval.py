@@ -391,6 +391,8 @@ def test_profile_step_writes_both_tables_and_a_summary(tmp_path):
     assert all(v > 0 for v in summary["train_phases"].values())
     assert summary["train_per_step"]["aten_calls"] > summary["decode_per_token"]["aten_calls"] > 0
     assert "device_ms" not in summary["train_per_step"]  # a CPU run reports no device time
+    # the optimizer's rows: each pool table's gradient holds some of its rows, none beyond them
+    assert summary["pool_rows_per_step"] and all(0 < u <= n for u, n in summary["pool_rows_per_step"].values())
 
 
 def test_throughput_benchmark_compiles_decoding_for_every_model_when_asked(tmp_path, monkeypatch):
