@@ -111,6 +111,31 @@ def test_tables_sharing_the_row_buffers_match_the_reference_as_touched_rows_grow
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
+def test_an_update_in_row_chunks_equals_the_update_in_one_bit_for_bit(rowwise: bool, monkeypatch) -> None:
+    # On a CPU the touched rows are updated a cache-sized chunk at a time; here chunks of 2 rows of a
+    # 3-wide table against a single chunk, over steps touching 1 to 9 rows (a partial last chunk).
+    import dpsnr.training.pool_optim as pool_optim
+
+    torch.manual_seed(2)
+    n, d = 12, 3
+    start = torch.randn(n, d, dtype=torch.float64)
+    results = []
+    for chunk_floats in (2 * d, 1 << 62):
+        monkeypatch.setattr(pool_optim, "_CPU_CHUNK_FLOATS", chunk_floats)
+        assert pool_optim._chunk_rows(start, d) == (2 if chunk_floats == 2 * d else chunk_floats // d)
+        table = nn.Parameter(start.clone())
+        opt = SparseRowAdam([table], lr=LR, betas=BETAS, eps=EPS, rowwise_second_moment=rowwise)
+        gen = torch.Generator().manual_seed(3)
+        for index in ([4], [0, 1, 2, 3, 4, 5, 6, 7, 8, 8], [11, 2, 5, 9, 9, 1]):
+            table.grad = row_sparse(index, torch.randn(len(index), d, dtype=torch.float64, generator=gen), n)
+            opt.step()
+        results.append((table.detach().clone(), {k: v.clone() for k, v in opt.state[table].items()}))
+    (p_chunked, s_chunked), (p_whole, s_whole) = results
+    assert torch.equal(p_chunked, p_whole) and not torch.equal(p_whole, start)
+    assert all(torch.equal(s_chunked[k], s_whole[k]) for k in s_whole)
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
 def test_duplicate_rows_are_summed_not_overwritten(rowwise: bool) -> None:
     a = torch.tensor([[2.0, -1.0, 0.5]])
     c = torch.tensor([[-1.0, 3.0, 0.5]])
