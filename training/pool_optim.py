@@ -330,8 +330,8 @@ class SparseRowAdam(torch.optim.Optimizer):
 
         Every read is an ``index_select`` of rows into a reused buffer and every write an
         ``index_copy_``. With every row touched this is torch.optim.Adam's update up to rounding.
-        On a CPU the rows go ``_chunk_rows`` at a time, so that the passes over the moments and the
-        parameter rows run in a core's cache instead of memory (`_chunk_rows`); the update of a
+        On a CPU the rows go a cache-sized chunk at a time (`_chunk_rows`), so that the passes over
+        the moments and the parameter rows run in a core's cache instead of memory; the update of a
         row does not depend on the others, so chunking changes no bit of the result.
         """
         beta1, beta2 = group["betas"]
